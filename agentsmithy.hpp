@@ -1,0 +1,1954 @@
+// agentsmithy.hpp - an embeddable AI-chat HTTP server that streams Server-Sent
+// Events and shuts down gracefully.
+//
+// Single header. Depends on cpp-httplib 0.11.4 (compile and link with
+// `pkg-config --cflags --libs cpp-httplib`), nlohmann_json and POSIX/Linux.
+//
+//   agentsmithy::Server server;                       // 127.0.0.1:8765
+//   server.chat_service().set_generator(my_llm);      // or keep the demo
+//   auto hook = agentsmithy::install_signal_handlers(server);
+//   server.listen();                                  // returns after the drain
+//
+// Layout: public declarations first (options, events and requests, stream
+// writer, chat service, server, signal hook), then the implementation in
+// namespace detail (SSE framing, request validation, channels and the stream
+// hub, the HTTP front end, the worker pool), then the member definitions.
+#pragma once
+
+#include <httplib.h>
+
+#include <nlohmann/json.hpp>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace agentsmithy {
+
+// ===========================================================================
+// Options
+// ===========================================================================
+
+enum class LogLevel { debug = 0, info = 1, warning = 2, error = 3 };
+
+// Receives every log record at or above Options::log_level. Called from
+// several threads; must be thread-safe.
+using Logger = std::function<void(LogLevel level, const std::string& message)>;
+
+struct Options {
+  std::string host = "127.0.0.1";
+  int port = 8765;  // 0 picks a free port; Server::port() tells which
+  std::string workdir = ".";
+  // How long the drain may take before remaining connections are closed.
+  std::chrono::milliseconds grace_period{5000};
+  // An SSE comment line (": ping") on every stream quiet for this long; finds
+  // dead clients and keeps proxies from timing out. 0 disables it.
+  std::chrono::milliseconds heartbeat_interval{15000};
+  // Concurrent chat requests (streaming or not); the next one gets 503.
+  std::size_t max_streams = 256;
+  std::size_t max_body_bytes = 1 << 20;
+  // A blocking read of a request gives up after this long.
+  std::chrono::milliseconds read_timeout{5000};
+  // A stream whose client accepts no byte for this long is dropped.
+  std::chrono::milliseconds write_timeout{5000};
+  // An idle keep-alive connection is closed after this long (and at once on
+  // shutdown).
+  std::chrono::milliseconds keep_alive_timeout{5000};
+  LogLevel log_level = LogLevel::info;
+  Logger logger;  // empty: one line per record on stderr
+};
+
+// ===========================================================================
+// Events and requests
+// ===========================================================================
+
+struct Message {
+  std::string role;
+  std::string content;
+};
+
+struct ChatRequest {
+  std::vector<Message> messages;
+  nlohmann::json context = nlohmann::json::object();  // {} when absent
+  bool stream = true;
+  std::string dialog_id;  // the client's, or one the server assigned
+};
+
+// The text every stream ends with when the server shuts down under it.
+inline constexpr std::string_view kShutdownMessage = "Server is shutting down";
+
+namespace detail {
+struct Channel;
+struct Core;
+class StreamHub;
+class HttpFrontend;
+}  // namespace detail
+class SignalHook;
+
+// ===========================================================================
+// Stream writer: what a generator writes its events to
+// ===========================================================================
+
+class StreamWriter {
+ public:
+  // Writes one event: an object with a string "type"; "dialog_id" is added.
+  // Returns false once the stream is cancelled (client gone, shutdown), and
+  // from then on writes nothing. An "error" or "done" event ends the stream:
+  // "done" is appended after an error, later sends return false.
+  // Throws std::invalid_argument for an event that is not such an object.
+  bool send(const nlohmann::json& event);
+  // Shorthand for send({"type":"chat","content":text}).
+  bool chat(std::string_view text);
+  bool cancelled() const;
+  // Waits d; true after the full delay, false at once when cancelled.
+  bool sleep_for(std::chrono::milliseconds d);
+  const std::string& dialog_id() const;
+
+  StreamWriter(const StreamWriter&) = delete;
+  StreamWriter& operator=(const StreamWriter&) = delete;
+
+ private:
+  friend class detail::HttpFrontend;
+  StreamWriter(std::shared_ptr<detail::Channel> channel, detail::StreamHub& hub);
+  std::shared_ptr<detail::Channel> channel_;
+  detail::StreamHub& hub_;
+};
+
+// Produces the answer to one request by writing events. Runs on its own
+// thread; may block. Should return soon after send() returns false.
+using Generator = std::function<void(const ChatRequest&, StreamWriter&)>;
+
+// The built-in demo: chat_start, chat chunks of a few words 20 ms apart,
+// chat_end. "Tell me a long story" gets a story of over 2,000 words. A request
+// sets the pace with context.demo = {"tokens": N, "interval_ms": M}, N in
+// [1, 1000000] chunks, M in [0, 60000] ms; other values end the stream with an
+// error event.
+void demo_generator(const ChatRequest& request, StreamWriter& out);
+
+// ===========================================================================
+// Chat service: the /api/chat endpoint's state
+// ===========================================================================
+
+class ChatService {
+ public:
+  // Replaces the generator for requests that arrive from now on.
+  void set_generator(Generator generator);
+  // Chat requests in flight whose client is still connected.
+  std::size_t active_streams() const;
+  bool is_shutting_down() const;
+
+  ChatService(const ChatService&) = delete;
+  ChatService& operator=(const ChatService&) = delete;
+
+ private:
+  friend class Server;
+  explicit ChatService(detail::Core& core) : core_(core) {}
+  detail::Core& core_;
+};
+
+// ===========================================================================
+// Server
+// ===========================================================================
+
+class Server {
+ public:
+  explicit Server(Options options = {});
+  // Shuts down and waits for listen() to return if it is still running.
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  ChatService& chat_service() { return chat_service_; }
+  const Options& options() const;
+
+  // Binds and serves; blocks until the graceful shutdown has completed (true)
+  // or returns false at once when it cannot bind. A Server serves once.
+  bool listen();
+  // True once accepting connections; false on timeout or once listen() failed.
+  bool wait_until_ready(std::chrono::milliseconds timeout) const;
+  // The bound port (the real one when 0 was asked); 0 before binding.
+  int port() const;
+
+  // Starts the graceful shutdown and returns at once. Thread-safe, idempotent,
+  // safe from inside a generator. Before listen(), listen() returns at once.
+  void shutdown();
+  // Like shutdown(), but closes every remaining connection at once instead of
+  // waiting for the drain (Go's Server.Close). listen() returns promptly.
+  void force_shutdown();
+  bool is_shutting_down() const;
+  // Hooks run in order once the streams have drained, before listen()
+  // returns. A throwing hook is logged; the rest still run.
+  void on_shutdown(std::function<void()> hook);
+
+ private:
+  friend SignalHook install_signal_handlers(Server& server);
+  std::shared_ptr<detail::Core> core_;
+  ChatService chat_service_;
+};
+
+// ===========================================================================
+// Signal hook
+// ===========================================================================
+
+// While alive, SIGINT and SIGTERM start server.shutdown(); a second signal
+// during the drain (20 ms or more after the first) forces it. Destroying the
+// guard restores the previous handlers. One guard at a time per process.
+class SignalHook {
+ public:
+  SignalHook() noexcept = default;
+  SignalHook(SignalHook&& other) noexcept;
+  SignalHook& operator=(SignalHook&& other) noexcept;
+  ~SignalHook();
+  // True once a second signal forced the shutdown.
+  bool forced() const;
+
+ private:
+  struct State;
+  friend SignalHook install_signal_handlers(Server& server);
+  explicit SignalHook(std::unique_ptr<State> state) noexcept;
+  static void watch(State& state);
+  std::unique_ptr<State> state_;
+};
+
+// Throws std::logic_error if another SignalHook is alive,
+// std::system_error if the handlers cannot be installed.
+SignalHook install_signal_handlers(Server& server);
+
+//
+// ---------------------------------------------------------------------------
+// Implementation. Nothing below is part of the API.
+// ---------------------------------------------------------------------------
+//
+
+namespace detail {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+// ===========================================================================
+// Logging
+// ===========================================================================
+
+inline const char* level_name(LogLevel level) {
+  switch (level) {
+    case LogLevel::debug: return "DEBUG";
+    case LogLevel::info: return "INFO";
+    case LogLevel::warning: return "WARN";
+    case LogLevel::error: return "ERROR";
+  }
+  return "INFO";
+}
+
+// 2026-11-25T10:00:00.123Z, UTC.
+inline std::string utc_timestamp() {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t secs = std::chrono::system_clock::to_time_t(now);
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[80];
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+  return buf;
+}
+
+inline void log_to_stderr(LogLevel level, const std::string& message) {
+  // One write per record so lines from several threads do not interleave.
+  char head[64];
+  std::snprintf(head, sizeof head, "%s %-5s ", utc_timestamp().c_str(), level_name(level));
+  const std::string line = head + message + "\n";
+  const ssize_t written = ::write(STDERR_FILENO, line.data(), line.size());
+  (void)written;
+}
+
+inline long long elapsed_ms(Clock::time_point since) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
+}
+
+// ===========================================================================
+// SSE framing
+// ===========================================================================
+
+// Generators hand us model output, which may be cut mid-character; replacing
+// invalid UTF-8 keeps the stream alive where dump()'s default would throw.
+inline std::string dump_json(const json& value) {
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+// One HTTP/1.1 chunk carrying `payload`.
+inline void append_chunk(std::string& out, std::string_view payload) {
+  char size[24];
+  const int n = std::snprintf(size, sizeof size, "%zx\r\n", payload.size());
+  out.append(size, static_cast<std::size_t>(n));
+  out.append(payload);
+  out.append("\r\n");
+}
+
+// `data: <json>\n\n` as one chunk. The compact dump has no raw newline, so an
+// event is always a single SSE data line.
+inline void append_event_chunk(std::string& out, const json& event) {
+  append_chunk(out, "data: " + dump_json(event) + "\n\n");
+}
+
+inline constexpr std::string_view kHeartbeatComment = ": ping\n\n";
+inline constexpr std::string_view kLastChunk = "0\r\n\r\n";
+inline constexpr std::string_view kStreamResponseHead =
+    "HTTP/1.1 200 OK\r\n"
+    "Content-Type: text/event-stream\r\n"
+    "Cache-Control: no-cache\r\n"
+    "X-Accel-Buffering: no\r\n"
+    "Connection: close\r\n"
+    "Transfer-Encoding: chunked\r\n"
+    "\r\n";
+
+inline json error_event(std::string_view message) {
+  return json{{"type", "error"}, {"error", message}};
+}
+inline json done_event() { return json{{"type", "done"}, {"done", true}}; }
+
+// ===========================================================================
+// Request validation
+// ===========================================================================
+
+struct HttpError {
+  int status;
+  std::string message;
+};
+
+inline std::string error_body(std::string_view message) {
+  return dump_json(json{{"error", message}});
+}
+
+inline bool valid_dialog_id(std::string_view id) {
+  if (id.empty() || id.size() > 128) return false;
+  for (const char c : id) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '-' || c == '_';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+inline std::string new_dialog_id() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  char buf[33];
+  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(rng()),
+                static_cast<unsigned long long>(rng()));
+  return buf;
+}
+
+// Deepest nesting of arrays/objects in a JSON text, ignoring brackets inside
+// strings. nlohmann_json parses deep input iteratively but copies and
+// destroys it recursively, so depth is bounded before parsing.
+inline std::size_t json_nesting_depth(std::string_view text) {
+  std::size_t depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
+inline constexpr std::size_t kMaxJsonDepth = 64;
+
+// Fills `out` from a POST /api/chat body, or says what is wrong with it.
+inline std::optional<HttpError> parse_chat_request(std::string_view body, ChatRequest& out) {
+  if (json_nesting_depth(body) > kMaxJsonDepth) {
+    return HttpError{400, "Invalid JSON: nested deeper than " + std::to_string(kMaxJsonDepth) +
+                              " levels"};
+  }
+  json doc;
+  try {
+    doc = json::parse(body.begin(), body.end());
+  } catch (const json::parse_error& e) {
+    return HttpError{400, std::string("Invalid JSON: ") + e.what()};
+  }
+  if (!doc.is_object()) return HttpError{422, "body: must be a JSON object"};
+
+  const auto messages = doc.find("messages");
+  if (messages == doc.end()) return HttpError{422, "messages: field required"};
+  if (!messages->is_array()) return HttpError{422, "messages: must be an array"};
+  out.messages.clear();
+  out.messages.reserve(messages->size());
+  for (std::size_t i = 0; i < messages->size(); ++i) {
+    const json& entry = (*messages)[i];
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!entry.is_object()) return HttpError{422, where + ": must be an object"};
+    const auto role = entry.find("role");
+    if (role == entry.end() || !role->is_string()) {
+      return HttpError{422, where + ".role: must be a string"};
+    }
+    const auto content = entry.find("content");
+    if (content == entry.end() || !content->is_string()) {
+      return HttpError{422, where + ".content: must be a string"};
+    }
+    out.messages.push_back(Message{role->get<std::string>(), content->get<std::string>()});
+  }
+
+  out.stream = true;
+  if (const auto stream = doc.find("stream"); stream != doc.end()) {
+    if (!stream->is_boolean()) return HttpError{422, "stream: must be a boolean"};
+    out.stream = stream->get<bool>();
+  }
+
+  out.context = json::object();
+  if (const auto context = doc.find("context"); context != doc.end() && !context->is_null()) {
+    if (!context->is_object()) return HttpError{422, "context: must be an object"};
+    out.context = std::move(*context);
+  }
+
+  out.dialog_id.clear();
+  if (const auto id = doc.find("dialog_id"); id != doc.end() && !id->is_null()) {
+    if (!id->is_string()) return HttpError{422, "dialog_id: must be a string"};
+    const auto& text = id->get_ref<const std::string&>();
+    if (!valid_dialog_id(text)) {
+      return HttpError{422, "dialog_id: must be 1 to 128 characters of [A-Za-z0-9_-]"};
+    }
+    out.dialog_id = text;
+  }
+
+  const bool has_user = std::any_of(out.messages.begin(), out.messages.end(),
+                                    [](const Message& m) { return m.role == "user"; });
+  if (!has_user) return HttpError{400, "No user message found"};
+  return std::nullopt;
+}
+
+// ===========================================================================
+// Channels: one per chat request, between its generator and its client
+// ===========================================================================
+
+enum class ChannelKind { sse, collect };
+
+// Everything below `mu` is guarded by it. A channel's socket is written by
+// whichever thread has something to say (the generator, the hub thread, the
+// shutdown), always under `mu`, so events never interleave and no thread
+// waits for another to relay its bytes.
+struct Channel {
+  Channel(std::uint64_t id_, ChannelKind kind_, int fd_, std::string dialog_id_)
+      : id(id_), kind(kind_), dialog_id(std::move(dialog_id_)), fd(fd_) {}
+
+  const std::uint64_t id;
+  const ChannelKind kind;
+  const std::string dialog_id;
+  // Set under `mu`; read without it by cancelled().
+  std::atomic<bool> cancelled{false};
+
+  std::mutex mu;
+  std::condition_variable cv;  // cancellation, and room in `pending`
+  int fd;                      // -1 once closed (sse only)
+  std::string pending;         // framed bytes the socket has not taken yet
+  std::size_t pending_sent = 0;
+  bool ended = false;      // `done` is queued: nothing more is added
+  bool closed = false;     // socket closed, channel gone from the hub
+  bool watching_out = false;
+  bool ended_by_shutdown = false;
+  Clock::time_point last_write = Clock::now();
+  Clock::time_point last_progress = Clock::now();
+  std::size_t events = 0;
+  std::string collected;  // collect: the chat chunks joined
+  std::string error;      // collect: the generator's error event
+
+  std::size_t unsent() const { return pending.size() - pending_sent; }
+};
+
+// ===========================================================================
+// Stream hub: owns every streaming socket once its headers are due
+// ===========================================================================
+
+// One epoll thread watches all streams: it notices a client that went away
+// (EOF, reset) the moment it happens, finishes writes a slow client could not
+// take at once, sends heartbeats and drops stalled clients. Generators write
+// directly and only fall back on the hub when a socket is full.
+class StreamHub {
+ public:
+  StreamHub(const Options& options, std::function<void()> on_count_change);
+  ~StreamHub();
+  StreamHub(const StreamHub&) = delete;
+  StreamHub& operator=(const StreamHub&) = delete;
+
+  void start();
+  void stop();  // joins the hub thread; call after close_all()
+
+  // Takes ownership of `fd` and queues the stream's response head.
+  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id);
+  std::shared_ptr<Channel> open_collector(const std::string& dialog_id);
+
+  bool send(Channel& ch, const json& event);
+  bool wait(Channel& ch, std::chrono::milliseconds d);
+  // The generator returned (error empty) or threw.
+  void finish(Channel& ch, const std::optional<std::string>& error);
+
+  // Shutdown step 3: error + done + last chunk on every open stream, written
+  // by this one thread. Returns how many streams it ended.
+  std::size_t end_all_for_shutdown();
+  // The grace deadline: closes whatever is left. Returns how many.
+  std::size_t close_all();
+  std::size_t active() const { return count_.load(); }
+
+ private:
+  enum class Flow { open, closed, gone };
+  static constexpr std::size_t kMaxUnsent = 1 << 20;  // then send() waits
+  static constexpr std::uint64_t kWakeId = 0;
+
+  std::shared_ptr<Channel> add(std::shared_ptr<Channel> ch);
+  std::shared_ptr<Channel> find(std::uint64_t id) const;
+  std::vector<std::shared_ptr<Channel>> snapshot() const;
+  void forget(const Channel& ch);
+  void run();
+  void tick();
+  void on_socket_event(Channel& ch, std::uint32_t events);
+
+  Flow queue_locked(Channel& ch, std::string_view bytes);
+  Flow flush_locked(Channel& ch);
+  void watch_out_locked(Channel& ch, bool on);
+  void end_for_shutdown_locked(Channel& ch);
+  void close_locked(Channel& ch);
+
+  const Options& options_;
+  const std::function<void()> on_count_change_;
+  int epoll_fd_ = -1;
+  int wake_fd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> running_{false};
+  std::atomic<std::size_t> count_{0};
+  mutable std::mutex mu_;
+  std::unordered_map<std::uint64_t, std::shared_ptr<Channel>> channels_;
+  std::uint64_t next_id_ = 1;
+  bool shutting_down_ = false;
+};
+
+inline StreamHub::StreamHub(const Options& options, std::function<void()> on_count_change)
+    : options_(options), on_count_change_(std::move(on_count_change)) {
+  epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (epoll_fd_ < 0 || wake_fd_ < 0) throw std::system_error(errno, std::generic_category());
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kWakeId;
+  ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev);
+}
+
+inline StreamHub::~StreamHub() {
+  close_all();
+  ::close(wake_fd_);
+  ::close(epoll_fd_);
+}
+
+inline void StreamHub::start() {
+  running_ = true;
+  thread_ = std::thread([this] { run(); });
+}
+
+inline void StreamHub::stop() {
+  if (!thread_.joinable()) return;
+  running_ = false;
+  const std::uint64_t one = 1;
+  const ssize_t w = ::write(wake_fd_, &one, sizeof one);
+  (void)w;
+  thread_.join();
+}
+
+inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch) {
+  bool late = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    channels_.emplace(ch->id, ch);
+    late = shutting_down_;
+  }
+  ++count_;
+  if (ch->kind == ChannelKind::sse) {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = ch->id;
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, ch->fd, &ev);
+  }
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->kind == ChannelKind::sse) flow = queue_locked(*ch, kStreamResponseHead);
+    // Admitted just as the shutdown began: end it like the others.
+    if (late && flow == Flow::open && !ch->ended) {
+      end_for_shutdown_locked(*ch);
+      if (!ch->closed && ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
+    }
+  }
+  if (flow != Flow::open) forget(*ch);
+  return ch;
+}
+
+inline std::shared_ptr<Channel> StreamHub::open_stream(int fd, const std::string& dialog_id) {
+  std::uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    id = next_id_++;
+  }
+  return add(std::make_shared<Channel>(id, ChannelKind::sse, fd, dialog_id));
+}
+
+inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dialog_id) {
+  std::uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    id = next_id_++;
+  }
+  return add(std::make_shared<Channel>(id, ChannelKind::collect, -1, dialog_id));
+}
+
+inline std::shared_ptr<Channel> StreamHub::find(std::uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto it = channels_.find(id);
+  return it == channels_.end() ? nullptr : it->second;
+}
+
+inline std::vector<std::shared_ptr<Channel>> StreamHub::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<Channel>> all;
+  all.reserve(channels_.size());
+  for (const auto& entry : channels_) all.push_back(entry.second);
+  return all;
+}
+
+inline void StreamHub::forget(const Channel& ch) {
+  bool erased;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    erased = channels_.erase(ch.id) > 0;
+  }
+  if (erased) {
+    --count_;
+    on_count_change_();
+  }
+}
+
+inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
+  if (ch.watching_out == on || ch.fd < 0) return;
+  ch.watching_out = on;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0u);
+  ev.data.u64 = ch.id;
+  ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, ch.fd, &ev);
+}
+
+// Closing removes the socket from the epoll set; a stale event for it finds
+// the channel gone or closed and is ignored.
+inline void StreamHub::close_locked(Channel& ch) {
+  if (ch.fd >= 0) ::close(ch.fd);
+  ch.fd = -1;
+  ch.closed = true;
+  ch.cancelled = true;
+  ch.pending.clear();
+  ch.pending_sent = 0;
+  ch.cv.notify_all();
+}
+
+inline StreamHub::Flow StreamHub::flush_locked(Channel& ch) {
+  if (ch.closed) return Flow::gone;
+  while (ch.unsent() > 0) {
+    const ssize_t n = ::send(ch.fd, ch.pending.data() + ch.pending_sent, ch.unsent(),
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      ch.pending_sent += static_cast<std::size_t>(n);
+      ch.last_progress = Clock::now();
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      watch_out_locked(ch, true);
+      return Flow::open;
+    }
+    close_locked(ch);  // the client is gone: never write to it again
+    return Flow::gone;
+  }
+  ch.pending.clear();
+  ch.pending_sent = 0;
+  watch_out_locked(ch, false);
+  ch.cv.notify_all();
+  if (ch.ended) {
+    close_locked(ch);
+    return Flow::closed;
+  }
+  return Flow::open;
+}
+
+inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
+  if (ch.closed) return Flow::gone;
+  ch.pending.append(bytes);
+  ch.last_write = Clock::now();
+  if (ch.unsent() == bytes.size()) ch.last_progress = ch.last_write;
+  return flush_locked(ch);
+}
+
+inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
+  ch.cancelled = true;
+  ch.ended = true;
+  ch.ended_by_shutdown = true;
+  ch.cv.notify_all();
+  if (ch.kind == ChannelKind::sse && !ch.closed) {
+    std::string tail;
+    json error = error_event(kShutdownMessage);
+    error["dialog_id"] = ch.dialog_id;
+    json done = done_event();
+    done["dialog_id"] = ch.dialog_id;
+    append_event_chunk(tail, error);
+    append_event_chunk(tail, done);
+    tail.append(kLastChunk);
+    ch.pending.append(tail);
+    ch.last_write = Clock::now();
+  }
+}
+
+inline bool StreamHub::send(Channel& ch, const json& event) {
+  const auto type = event.is_object() ? event.find("type") : event.end();
+  if (!event.is_object() || type == event.end() || !type->is_string()) {
+    throw std::invalid_argument(
+        "StreamWriter::send: an event is a JSON object with a string \"type\"");
+  }
+  const std::string& kind = type->get_ref<const std::string&>();
+  const bool is_error = kind == "error";
+  const bool is_done = kind == "done";
+
+  std::unique_lock<std::mutex> lock(ch.mu);
+  if (ch.cancelled) return false;
+  ++ch.events;
+  if (ch.kind == ChannelKind::collect) {
+    const auto content = event.find("content");
+    if (kind == "chat" && content != event.end() && content->is_string()) {
+      ch.collected += content->get_ref<const std::string&>();
+    }
+    if (is_error) {
+      const auto message = event.find("error");
+      ch.error = message != event.end() && message->is_string()
+                     ? message->get<std::string>()
+                     : std::string("generator reported an error");
+    }
+    if (is_error || is_done) {
+      ch.ended = true;
+      ch.cancelled = true;
+    }
+    return true;
+  }
+
+  // Backpressure: a client that reads slower than the generator writes
+  // holds the generator here, not an unbounded buffer.
+  if (ch.unsent() > kMaxUnsent) {
+    const bool room = ch.cv.wait_for(lock, options_.write_timeout, [&] {
+      return ch.cancelled.load() || ch.unsent() <= kMaxUnsent / 2;
+    });
+    if (ch.cancelled) return false;
+    if (!room) {
+      close_locked(ch);
+      lock.unlock();
+      forget(ch);
+      return false;
+    }
+  }
+
+  json framed = event;
+  framed["dialog_id"] = ch.dialog_id;
+  if (is_done) framed["done"] = true;
+  std::string bytes;
+  append_event_chunk(bytes, framed);
+  if (is_error) {
+    json done = done_event();
+    done["dialog_id"] = ch.dialog_id;
+    append_event_chunk(bytes, done);
+  }
+  if (is_error || is_done) {
+    bytes.append(kLastChunk);
+    ch.ended = true;
+    ch.cancelled = true;
+  }
+  const Flow flow = queue_locked(ch, bytes);
+  lock.unlock();
+  if (flow != Flow::open) forget(ch);
+  return flow != Flow::gone;
+}
+
+inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
+  std::unique_lock<std::mutex> lock(ch.mu);
+  return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
+}
+
+inline void StreamHub::finish(Channel& ch, const std::optional<std::string>& error) {
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (ch.ended || ch.closed) {
+      // Already ended (by an error/done event, the shutdown or the client).
+    } else {
+      ch.ended = true;
+      ch.cancelled = true;
+      ch.cv.notify_all();
+      if (ch.kind == ChannelKind::sse) {
+        std::string tail;
+        if (error) {
+          json e = error_event(*error);
+          e["dialog_id"] = ch.dialog_id;
+          append_event_chunk(tail, e);
+        }
+        json done = done_event();
+        done["dialog_id"] = ch.dialog_id;
+        append_event_chunk(tail, done);
+        tail.append(kLastChunk);
+        flow = queue_locked(ch, tail);
+      } else {
+        flow = Flow::closed;
+      }
+    }
+    if (ch.kind == ChannelKind::collect) flow = Flow::closed;
+  }
+  if (flow != Flow::open) forget(ch);
+}
+
+inline std::size_t StreamHub::end_all_for_shutdown() {
+  std::vector<std::shared_ptr<Channel>> all;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    shutting_down_ = true;
+    all.reserve(channels_.size());
+    for (const auto& entry : channels_) all.push_back(entry.second);
+  }
+  std::size_t ended = 0;
+  for (const auto& ch : all) {
+    Flow flow = Flow::open;
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (ch->ended || ch->closed) continue;
+      end_for_shutdown_locked(*ch);
+      ++ended;
+      if (ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
+    }
+    if (flow != Flow::open) forget(*ch);
+  }
+  return ended;
+}
+
+inline std::size_t StreamHub::close_all() {
+  std::size_t closed = 0;
+  for (const auto& ch : snapshot()) {
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (!ch->closed) ++closed;
+      if (ch->kind == ChannelKind::collect) {
+        ch->cancelled = true;
+        ch->cv.notify_all();
+      } else {
+        close_locked(*ch);
+      }
+    }
+    forget(*ch);
+  }
+  return closed;
+}
+
+inline void StreamHub::on_socket_event(Channel& ch, std::uint32_t events) {
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (ch.closed) return;
+    if (events & EPOLLIN) {
+      // A stream's client has nothing more to say; reading tells whether it
+      // is still there.
+      char scratch[4096];
+      for (;;) {
+        const ssize_t n = ::recv(ch.fd, scratch, sizeof scratch, MSG_DONTWAIT);
+        if (n > 0) continue;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        close_locked(ch);
+        flow = Flow::gone;
+        break;
+      }
+    }
+    if (flow == Flow::open && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))) {
+      close_locked(ch);
+      flow = Flow::gone;
+    }
+    if (flow == Flow::open && (events & EPOLLOUT)) flow = flush_locked(ch);
+  }
+  if (flow != Flow::open) forget(ch);
+}
+
+// Heartbeats on quiet streams, and the write timeout for stalled ones.
+inline void StreamHub::tick() {
+  const auto now = Clock::now();
+  const bool heartbeats = options_.heartbeat_interval.count() > 0;
+  std::string ping;
+  append_chunk(ping, kHeartbeatComment);
+  for (const auto& ch : snapshot()) {
+    if (ch->kind != ChannelKind::sse) continue;
+    Flow flow = Flow::open;
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (ch->closed) continue;
+      if (ch->unsent() > 0 && now - ch->last_progress >= options_.write_timeout) {
+        close_locked(*ch);
+        flow = Flow::gone;
+      } else if (heartbeats && !ch->ended && now - ch->last_write >= options_.heartbeat_interval) {
+        flow = queue_locked(*ch, ping);
+      }
+    }
+    if (flow != Flow::open) forget(*ch);
+  }
+}
+
+inline void StreamHub::run() {
+  using std::chrono::milliseconds;
+  auto period = milliseconds(1000);
+  if (options_.heartbeat_interval.count() > 0) {
+    period = std::min(period, options_.heartbeat_interval / 4);
+  }
+  period = std::max(std::min(period, options_.write_timeout / 4), milliseconds(5));
+  auto next_tick = Clock::now() + period;
+  std::vector<epoll_event> events(512);
+  while (running_) {
+    const auto wait =
+        std::chrono::duration_cast<milliseconds>(next_tick - Clock::now()).count() + 1;
+    const int n = ::epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()),
+                               static_cast<int>(std::max<long long>(wait, 0)));
+    for (int i = 0; i < n; ++i) {
+      const std::uint64_t id = events[i].data.u64;
+      if (id == kWakeId) {
+        std::uint64_t drained;
+        const ssize_t r = ::read(wake_fd_, &drained, sizeof drained);
+        (void)r;
+        continue;
+      }
+      if (const auto ch = find(id)) on_socket_event(*ch, events[i].events);
+    }
+    if (Clock::now() >= next_tick) {
+      tick();
+      next_tick = Clock::now() + period;
+    }
+  }
+}
+
+// ===========================================================================
+// Worker pool: the HTTP front end's threads, grown on demand
+// ===========================================================================
+
+// cpp-httplib's default pool has a fixed max(8, cores-1) threads and an
+// unbounded queue, so the ninth stream waits silently. This one starts empty,
+// adds a thread whenever a task would otherwise wait (up to a cap sized from
+// max_streams), and lets threads that idle too long exit. Threads are
+// detached and share the pool state, so a task stuck in a generator that
+// ignores cancellation cannot hold up shutdown(); it is left to finish.
+class WorkerPool final : public httplib::TaskQueue {
+ public:
+  WorkerPool(std::size_t max_threads, std::chrono::milliseconds idle_exit)
+      : state_(std::make_shared<State>()) {
+    state_->max_threads = std::max<std::size_t>(max_threads, 1);
+    state_->idle_exit = idle_exit;
+  }
+  ~WorkerPool() override { shutdown(); }
+
+  void enqueue(std::function<void()> task) override {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->tasks.push_back(std::move(task));
+    if (state_->tasks.size() > state_->idle && state_->threads < state_->max_threads) {
+      ++state_->threads;
+      std::thread(&WorkerPool::work, state_).detach();
+    } else {
+      state_->work_cv.notify_one();
+    }
+  }
+
+  // Waits briefly for the workers to exit; any still busy then is stuck in a
+  // generator and left to finish on its own.
+  void shutdown() override {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    state_->stopping = true;
+    state_->work_cv.notify_all();
+    state_->exit_cv.wait_for(lock, std::chrono::milliseconds(100),
+                             [&] { return state_->threads == 0; });
+  }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::condition_variable work_cv, exit_cv;
+    std::deque<std::function<void()>> tasks;
+    std::size_t threads = 0, idle = 0, max_threads = 1;
+    std::chrono::milliseconds idle_exit{10000};
+    bool stopping = false;
+  };
+
+  static void work(std::shared_ptr<State> s) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    for (;;) {
+      if (!s->tasks.empty()) {
+        auto task = std::move(s->tasks.front());
+        s->tasks.pop_front();
+        lock.unlock();
+        try {
+          task();
+        } catch (...) {
+          // A connection's failure must not take the process down.
+        }
+        task = nullptr;
+        lock.lock();
+        continue;
+      }
+      if (s->stopping) break;
+      ++s->idle;
+      const bool woken =
+          s->work_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || !s->tasks.empty(); });
+      --s->idle;
+      if (!woken) break;
+    }
+    --s->threads;
+    s->exit_cv.notify_all();
+  }
+
+  std::shared_ptr<State> state_;
+};
+
+// ===========================================================================
+// Core: the state a Server shares with every thread it starts
+// ===========================================================================
+
+// Threads that may outlive the Server object (a generator that ignores
+// cancellation) hold a shared_ptr to this, so nothing they touch is freed.
+struct Core {
+  explicit Core(Options opts)
+      : options(std::move(opts)), hub(options, [this] { changed(); }) {
+    wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd < 0) throw std::system_error(errno, std::generic_category());
+  }
+  ~Core() { ::close(wake_fd); }
+  Core(const Core&) = delete;
+  Core& operator=(const Core&) = delete;
+
+  void log(LogLevel level, const std::string& message) const {
+    if (level < options.log_level) return;
+    if (options.logger) {
+      options.logger(level, message);
+    } else {
+      log_to_stderr(level, message);
+    }
+  }
+
+  // Wakes whoever waits on `cv` for a change of state or of the counters.
+  void changed() {
+    { std::lock_guard<std::mutex> lock(mu); }
+    cv.notify_all();
+  }
+
+  void request_shutdown() {
+    if (!stopping.exchange(true)) {
+      log(LogLevel::info, "shutdown requested");
+      // Level-triggered and never drained: every idle keep-alive wait wakes.
+      const std::uint64_t one = 1;
+      const ssize_t w = ::write(wake_fd, &one, sizeof one);
+      (void)w;
+    }
+    changed();
+  }
+
+  void request_force() {
+    forced = true;
+    request_shutdown();
+  }
+
+  bool try_admit() {
+    if (admitted.fetch_add(1) >= options.max_streams) {
+      admitted.fetch_sub(1);
+      return false;
+    }
+    return true;
+  }
+  void release() {
+    admitted.fetch_sub(1);
+    changed();
+  }
+
+  // Nothing left to wait for: no stream, no running generator, no connection
+  // in the middle of a request.
+  bool drained() const {
+    return hub.active() == 0 && admitted.load() == 0 && connections.load() == 0;
+  }
+
+  Generator current_generator() {
+    std::lock_guard<std::mutex> lock(generator_mu);
+    return generator ? generator : Generator(demo_generator);
+  }
+
+  // Connections that are being served (not yet handed to the hub). Their
+  // sockets are shut down when the grace period runs out.
+  void add_connection(int fd) {
+    std::lock_guard<std::mutex> lock(connections_mu);
+    connection_fds.insert(fd);
+    ++connections;
+    if (connections_closing) ::shutdown(fd, SHUT_RDWR);
+  }
+  void remove_connection(int fd) {
+    {
+      std::lock_guard<std::mutex> lock(connections_mu);
+      if (connection_fds.erase(fd) == 0) return;
+      --connections;
+    }
+    changed();
+  }
+  std::size_t shut_down_connections() {
+    std::lock_guard<std::mutex> lock(connections_mu);
+    connections_closing = true;
+    for (const int fd : connection_fds) ::shutdown(fd, SHUT_RDWR);
+    return connection_fds.size();
+  }
+
+  enum class State { idle, ready, failed, stopped };
+
+  const Options options;
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> forced{false};
+  std::atomic<std::size_t> admitted{0};
+  std::atomic<std::size_t> connections{0};
+  std::atomic<int> port{0};
+  int wake_fd = -1;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  State state = State::idle;  // guarded by mu
+  bool listen_called = false;  // guarded by mu
+  std::vector<std::function<void()>> hooks;  // guarded by mu
+
+  std::mutex generator_mu;
+  Generator generator;
+
+  std::mutex connections_mu;
+  std::unordered_set<int> connection_fds;
+  bool connections_closing = false;
+
+  // Last: its destructor reports to changed(), which needs the members above.
+  StreamHub hub;
+};
+
+// ===========================================================================
+// HTTP front end: cpp-httplib parses requests; we own the connections
+// ===========================================================================
+
+// A connection's socket as cpp-httplib's request parser sees it. Reads are
+// buffered (the parser asks for one byte at a time) and bounded by the read
+// timeout; a muted stream swallows the response cpp-httplib writes for a
+// chat request, which we answer ourselves once the handler has returned.
+class SocketStream final : public httplib::Stream {
+ public:
+  SocketStream(int fd, const Options& options)
+      : fd_(fd), read_timeout_(options.read_timeout), write_timeout_(options.write_timeout) {}
+
+  bool is_readable() const override { return buffered() > 0 || ready(POLLIN, read_timeout_); }
+  bool is_writable() const override { return muted_ || ready(POLLOUT, write_timeout_); }
+
+  ssize_t read(char* ptr, size_t size) override {
+    if (buffered() == 0) {
+      if (!ready(POLLIN, read_timeout_)) return -1;
+      ssize_t n;
+      do {
+        n = ::recv(fd_, buffer_, sizeof buffer_, 0);
+      } while (n < 0 && errno == EINTR);
+      if (n <= 0) return n;
+      begin_ = 0;
+      end_ = static_cast<std::size_t>(n);
+    }
+    const std::size_t take = std::min(size, buffered());
+    std::memcpy(ptr, buffer_ + begin_, take);
+    begin_ += take;
+    return static_cast<ssize_t>(take);
+  }
+
+  ssize_t write(const char* ptr, size_t size) override {
+    if (muted_) return static_cast<ssize_t>(size);
+    std::size_t sent = 0;
+    while (sent < size) {
+      if (!ready(POLLOUT, write_timeout_)) return -1;
+      const ssize_t n = ::send(fd_, ptr + sent, size - sent, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return -1;
+      sent += static_cast<std::size_t>(n);
+    }
+    return static_cast<ssize_t>(size);
+  }
+
+  void get_remote_ip_and_port(std::string& ip, int& port) const override {
+    address_of(&::getpeername, ip, port);
+  }
+  void get_local_ip_and_port(std::string& ip, int& port) const override {
+    address_of(&::getsockname, ip, port);
+  }
+  socket_t socket() const override { return fd_; }
+
+  std::size_t buffered() const { return end_ - begin_; }
+  void set_muted(bool muted) { muted_ = muted; }
+
+ private:
+  bool ready(short events, std::chrono::milliseconds timeout) const {
+    pollfd p{fd_, events, 0};
+    int n;
+    do {
+      n = ::poll(&p, 1, static_cast<int>(timeout.count()));
+    } while (n < 0 && errno == EINTR);
+    return n > 0;
+  }
+
+  template <class Query>
+  void address_of(Query query, std::string& ip, int& port) const {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    ip.clear();
+    port = -1;
+    if (query(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return;
+    char text[INET6_ADDRSTRLEN] = {};
+    if (addr.ss_family == AF_INET) {
+      const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
+      ::inet_ntop(AF_INET, &in->sin_addr, text, sizeof text);
+      port = ntohs(in->sin_port);
+    } else if (addr.ss_family == AF_INET6) {
+      const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&addr);
+      ::inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text);
+      port = ntohs(in6->sin6_port);
+    }
+    ip = text;
+  }
+
+  const int fd_;
+  const std::chrono::milliseconds read_timeout_, write_timeout_;
+  char buffer_[4096];
+  std::size_t begin_ = 0, end_ = 0;
+  bool muted_ = false;
+};
+
+// Holds one of max_streams slots until the chat request's generator returns.
+class Admission {
+ public:
+  explicit Admission(Core& core) : core_(&core) {}
+  Admission(Admission&& other) noexcept : core_(std::exchange(other.core_, nullptr)) {}
+  Admission& operator=(Admission&&) = delete;
+  ~Admission() {
+    if (core_) core_->release();
+  }
+
+ private:
+  Core* core_;
+};
+
+// A validated chat request, answered after cpp-httplib's request handling
+// has returned, so that nothing below touches the HTTP server object (a
+// generator may outlive it).
+struct ChatJob {
+  ChatRequest request;
+  Generator generator;
+  Admission admission;
+};
+
+// The connection the current worker thread is serving.
+struct Connection {
+  SocketStream* stream;
+  bool close_announced = false;  // cpp-httplib adds "Connection: close" itself
+  bool close_after = false;
+  std::optional<ChatJob> chat;
+};
+inline thread_local Connection* t_connection = nullptr;
+
+inline const char* reason_phrase(int status) {
+  switch (status) {
+    case 200: return "OK";
+    case 500: return "Internal Server Error";
+    case 503: return "Service Unavailable";
+    default: return "Unknown";
+  }
+}
+
+class HttpFrontend final : public httplib::Server {
+ public:
+  explicit HttpFrontend(std::shared_ptr<Core> core);
+
+  // The bound port, or -1 with the reason in `why`.
+  int bind(std::string& why);
+  // Makes listen_after_bind() return; the socket is closed by close_listener.
+  void stop_accepting();
+  void close_listener();
+
+ private:
+  static constexpr std::size_t kMaxRequestsPerConnection = 100;
+
+  bool process_and_close_socket(socket_t sock) override;
+  bool wait_for_request(const Core& core, const SocketStream& stream, bool first) const;
+  void handle_chat(const httplib::Request& req, httplib::Response& res);
+  void handle_health(const httplib::Request& req, httplib::Response& res);
+  static void respond_shutting_down(httplib::Response& res);
+
+  static std::optional<std::string> run_generator(Core& core, const ChatJob& job,
+                                                  const std::shared_ptr<Channel>& ch);
+  static void run_stream(Core& core, int fd, ChatJob job);
+  static void run_collect(Core& core, SocketStream& stream, ChatJob job);
+
+  std::shared_ptr<Core> core_;
+  int listen_fd_ = -1;
+};
+
+inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(core)) {
+  const agentsmithy::Options& o = core_->options;
+  // The library's defaults add SO_REUSEPORT, which lets a second server bind
+  // the same port silently; a taken port must fail instead.
+  set_socket_options([](socket_t sock) {
+    const int one = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  });
+  set_payload_max_length(o.max_body_bytes);
+  set_read_timeout(o.read_timeout);
+  set_write_timeout(o.write_timeout);
+  // Only for the Keep-Alive header it writes: the keep-alive loop is ours.
+  set_keep_alive_max_count(kMaxRequestsPerConnection);
+  set_keep_alive_timeout(std::max<time_t>(
+      1, std::chrono::duration_cast<std::chrono::seconds>(o.keep_alive_timeout).count()));
+  const std::size_t max_threads = o.max_streams + 64;
+  new_task_queue = [max_threads] {
+    return new WorkerPool(max_threads, std::chrono::milliseconds(10000));
+  };
+  const std::size_t max_body = o.max_body_bytes;
+  set_error_handler(Server::HandlerWithResponse(
+      [max_body](const httplib::Request& req, httplib::Response& res) {
+        if (!res.body.empty()) return HandlerResponse::Unhandled;
+        std::string message;
+        switch (res.status) {
+          case 404: message = "Not found: " + req.method + " " + req.path; break;
+          case 413: message = "Request body exceeds " + std::to_string(max_body) + " bytes"; break;
+          case 400: message = "Bad request"; break;
+          case 500: message = "Internal server error"; break;
+          default: message = "HTTP error " + std::to_string(res.status); break;
+        }
+        res.set_content(error_body(message), "application/json");
+        return HandlerResponse::Handled;
+      }));
+  Post("/api/chat", [this](const httplib::Request& req, httplib::Response& res) {
+    handle_chat(req, res);
+  });
+  Get("/health", [this](const httplib::Request& req, httplib::Response& res) {
+    handle_health(req, res);
+  });
+}
+
+inline int HttpFrontend::bind(std::string& why) {
+  const agentsmithy::Options& o = core_->options;
+  errno = 0;
+  const int port = o.port == 0 ? bind_to_any_port(o.host) : (bind_to_port(o.host, o.port) ? o.port : -1);
+  if (port < 0) {
+    why = errno != 0 ? std::strerror(errno) : "address not available";
+    return -1;
+  }
+  listen_fd_ = svr_sock_;
+  // The library listens with a backlog of 5: a burst of clients (say,
+  // reconnecting after a restart) would lose handshakes to retry timers.
+  ::listen(listen_fd_, SOMAXCONN);
+  return port;
+}
+
+inline void HttpFrontend::stop_accepting() {
+  const socket_t sock = svr_sock_.exchange(INVALID_SOCKET);
+  if (sock != INVALID_SOCKET) ::shutdown(sock, SHUT_RDWR);  // wakes accept()
+}
+
+inline void HttpFrontend::close_listener() {
+  // listen_after_bind() closes the socket itself when accept() fails, and
+  // then leaves svr_sock_ set; after stop_accepting() it never does.
+  if (listen_fd_ >= 0 && svr_sock_ == INVALID_SOCKET) ::close(listen_fd_);
+  listen_fd_ = -1;
+}
+
+inline bool HttpFrontend::wait_for_request(const Core& core, const SocketStream& stream,
+                                           bool first) const {
+  if (stream.buffered() > 0) return true;  // a pipelined request
+  // A new connection gets its first request read even during the drain (it
+  // deserves its 503); an idle keep-alive one is closed at once then.
+  pollfd fds[2] = {{stream.socket(), POLLIN, 0}, {core.wake_fd, POLLIN, 0}};
+  const auto timeout = first ? core.options.read_timeout : core.options.keep_alive_timeout;
+  int n;
+  do {
+    n = ::poll(fds, first ? 1 : 2, static_cast<int>(timeout.count()));
+  } while (n < 0 && errno == EINTR);
+  return n > 0 && fds[0].revents != 0;
+}
+
+inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
+  // A copy: if a generator outlives the Server, this frame must not reach
+  // back into `this` once the generator returns.
+  const std::shared_ptr<Core> core = core_;
+  core->add_connection(sock);
+  const int one = 1;
+  ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  SocketStream stream(sock, core->options);
+  Connection conn{&stream, false, false, std::nullopt};
+  t_connection = &conn;
+  for (std::size_t served = 0; served < kMaxRequestsPerConnection; ++served) {
+    if (!wait_for_request(*core, stream, served == 0)) break;
+    conn.close_announced = core->stopping || served + 1 == kMaxRequestsPerConnection;
+    bool client_closes = false;
+    const bool ok = process_request(stream, conn.close_announced, client_closes, nullptr);
+    if (conn.chat || !ok || client_closes || conn.close_announced || conn.close_after) break;
+  }
+  t_connection = nullptr;
+  stream.set_muted(false);
+  if (conn.chat && conn.chat->request.stream) {
+    core->remove_connection(sock);  // the hub owns the socket from here
+    run_stream(*core, sock, std::move(*conn.chat));
+    return true;
+  }
+  if (conn.chat) run_collect(*core, stream, std::move(*conn.chat));
+  core->remove_connection(sock);
+  ::close(sock);
+  return true;
+}
+
+inline void HttpFrontend::respond_shutting_down(httplib::Response& res) {
+  res.status = 503;
+  res.set_header("Retry-After", "1");
+  if (t_connection && !t_connection->close_announced) res.set_header("Connection", "close");
+  if (t_connection) t_connection->close_after = true;
+  res.set_content(error_body(kShutdownMessage), "application/json");
+}
+
+inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Response& res) {
+  Core& core = *core_;
+  if (core.stopping) return respond_shutting_down(res);
+  ChatRequest request;
+  if (const auto error = parse_chat_request(req.body, request)) {
+    res.status = error->status;
+    res.set_content(error_body(error->message), "application/json");
+    return;
+  }
+  if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
+  if (!core.try_admit()) {
+    core.log(LogLevel::warning, "at capacity (" + std::to_string(core.options.max_streams) +
+                                    " streams): answering 503");
+    res.status = 503;
+    res.set_header("Retry-After", "1");
+    res.set_content(error_body("Too many concurrent streams (max " +
+                               std::to_string(core.options.max_streams) + ")"),
+                    "application/json");
+    return;
+  }
+  Admission admission(core);
+  if (!t_connection) return respond_shutting_down(res);  // not served by our loop
+  t_connection->stream->set_muted(true);
+  t_connection->chat.emplace(ChatJob{std::move(request), core.current_generator(),
+                                     std::move(admission)});
+}
+
+inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
+  const Core& core = *core_;
+  const bool stopping = core.stopping;
+  const json body = {{"status", "ok"},
+                     {"service", "agentsmithy-server"},
+                     {"server_status", stopping ? "stopping" : "ready"},
+                     {"pid", static_cast<long>(::getpid())},
+                     {"port", core.port.load()},
+                     {"active_streams", core.hub.active()}};
+  res.status = stopping ? 503 : 200;
+  res.set_content(dump_json(body), "application/json");
+}
+
+inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const ChatJob& job,
+                                                              const std::shared_ptr<Channel>& ch) {
+  StreamWriter writer(ch, core.hub);
+  std::optional<std::string> error;
+  try {
+    job.generator(job.request, writer);
+  } catch (const std::exception& e) {
+    error = e.what();
+  } catch (...) {
+    error = "generator failed with an unknown exception";
+  }
+  if (error) core.log(LogLevel::warning, "dialog " + ch->dialog_id + ": generator threw: " + *error);
+  core.hub.finish(*ch, error);
+  return error;
+}
+
+inline void HttpFrontend::run_stream(Core& core, int fd, ChatJob job) {
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) | O_NONBLOCK);
+  const auto ch = core.hub.open_stream(fd, job.request.dialog_id);
+  core.log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
+  run_generator(core, job, ch);
+}
+
+inline void HttpFrontend::run_collect(Core& core, SocketStream& stream, ChatJob job) {
+  const auto ch = core.hub.open_collector(job.request.dialog_id);
+  const auto error = run_generator(core, job, ch);
+  int status = 200;
+  std::string body;
+  {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->ended_by_shutdown) {
+      status = 503;
+      body = error_body(kShutdownMessage);
+    } else if (error || !ch->error.empty()) {
+      status = 500;
+      body = error_body(error ? *error : ch->error);
+    } else {
+      body = dump_json(json{{"content", ch->collected},
+                            {"done", true},
+                            {"metadata", {{"dialog_id", ch->dialog_id}, {"events", ch->events}}}});
+    }
+  }
+  std::string response = "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
+                         "\r\nContent-Type: application/json\r\nContent-Length: " +
+                         std::to_string(body.size()) + "\r\nConnection: close\r\n";
+  if (status == 503) response += "Retry-After: 1\r\n";
+  response += "\r\n" + body;
+  stream.write(response.data(), response.size());
+}
+
+// ===========================================================================
+// The demo generator's text
+// ===========================================================================
+
+inline const std::vector<std::string>& story_words() {
+  static const std::vector<std::string> words = [] {
+    static const char* const sentences[] = {
+        "In a valley where the rivers ran backwards at dusk, there lived a smith who forged "
+        "answers instead of swords.",
+        "Every morning travellers climbed the hill to her forge with questions wrapped in cloth, "
+        "and every evening they walked home lighter.",
+        "She heated each question until it glowed, folded it over and over, and quenched it in "
+        "a barrel of cold starlight.",
+        "One winter a stranger arrived carrying a question so heavy that the road cracked "
+        "under his boots.",
+        "He asked how a thing could end well when nobody knew it was ending, and the smith set "
+        "down her hammer for the first time in years.",
+        "She told him that endings are kind only when they are announced, when every listener "
+        "hears the last word before the door is closed.",
+        "So together they built a bell that rang once for each traveller still on the road, so "
+        "that no one would walk into a dark and silent forge.",
+        "When the smith finally grew tired and banked her fire, the bell rang for every "
+        "traveller, and each of them turned for home knowing why.",
+        "Nobody was left waiting at the door, no question was left half forged, and the valley "
+        "slept soundly that night.",
+        "Years later children still told the story, and they always ended it the same way, "
+        "with the ringing of the bell and a quiet word of goodbye.",
+    };
+    std::vector<std::string> all;
+    for (int chapter = 1; all.size() < 2200; ++chapter) {
+      all.push_back("Chapter");
+      all.push_back(std::to_string(chapter) + ".");
+      for (const char* sentence : sentences) {
+        std::string text = sentence;
+        std::size_t start = 0;
+        while (start < text.size()) {
+          const std::size_t end = std::min(text.find(' ', start), text.size());
+          all.push_back(text.substr(start, end - start));
+          start = end + 1;
+        }
+      }
+    }
+    return all;
+  }();
+  return words;
+}
+
+inline std::vector<std::string> split_words(const std::string& text) {
+  std::vector<std::string> words;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    const std::size_t end = std::min(text.find(' ', start), text.size());
+    if (end > start) words.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return words;
+}
+
+// context.demo.<field> as an integer in [low, high], or `fallback` when absent.
+inline long long demo_setting(const json& context, const char* field, long long low,
+                              long long high, long long fallback) {
+  const auto demo = context.find("demo");
+  if (demo == context.end() || !demo->is_object()) return fallback;
+  const auto value = demo->find(field);
+  if (value == demo->end()) return fallback;
+  if (!value->is_number_integer() || value->get<long long>() < low ||
+      value->get<long long>() > high) {
+    throw std::invalid_argument("context.demo." + std::string(field) + " must be an integer in [" +
+                                std::to_string(low) + ", " + std::to_string(high) + "]");
+  }
+  return value->get<long long>();
+}
+
+}  // namespace detail
+
+// ===========================================================================
+// Definitions: stream writer, demo generator, chat service, server
+// ===========================================================================
+
+inline StreamWriter::StreamWriter(std::shared_ptr<detail::Channel> channel, detail::StreamHub& hub)
+    : channel_(std::move(channel)), hub_(hub) {}
+
+inline bool StreamWriter::send(const nlohmann::json& event) { return hub_.send(*channel_, event); }
+
+inline bool StreamWriter::chat(std::string_view text) {
+  return send(nlohmann::json{{"type", "chat"}, {"content", std::string(text)}});
+}
+
+inline bool StreamWriter::cancelled() const { return channel_->cancelled.load(); }
+
+inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) {
+  return hub_.wait(*channel_, d);
+}
+
+inline const std::string& StreamWriter::dialog_id() const { return channel_->dialog_id; }
+
+inline void demo_generator(const ChatRequest& request, StreamWriter& out) {
+  constexpr std::size_t kWordsPerChunk = 3;
+  const long long tokens = detail::demo_setting(request.context, "tokens", 1, 1000000, 0);
+  const auto interval =
+      std::chrono::milliseconds(detail::demo_setting(request.context, "interval_ms", 0, 60000, 20));
+
+  std::string query;
+  for (const Message& m : request.messages) {
+    if (m.role == "user") query = m.content;
+  }
+  std::string lowered = query;
+  for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const bool story = lowered.find("long story") != std::string::npos;
+
+  const std::vector<std::string> reply =
+      story || tokens > 0
+          ? detail::story_words()
+          : detail::split_words("You said: \"" + query +
+                                "\". This is the agentsmithy demo generator; ask it to \"Tell me a "
+                                "long story\" to watch a long answer stream.");
+  // With `tokens` the text repeats as often as needed; otherwise it is told once.
+  const long long chunks =
+      tokens > 0 ? tokens
+                 : static_cast<long long>((reply.size() + kWordsPerChunk - 1) / kWordsPerChunk);
+
+  if (!out.send({{"type", "chat_start"}})) return;
+  std::size_t word = 0;
+  for (long long i = 0; i < chunks; ++i) {
+    if (i > 0 && !out.sleep_for(interval)) return;
+    std::string text;
+    for (std::size_t k = 0; k < kWordsPerChunk && (tokens > 0 || word < reply.size()); ++k) {
+      text += reply[word++ % reply.size()];
+      text += ' ';
+    }
+    if (!out.chat(text)) return;
+  }
+  out.send({{"type", "chat_end"}});
+}
+
+inline void ChatService::set_generator(Generator generator) {
+  std::lock_guard<std::mutex> lock(core_.generator_mu);
+  core_.generator = std::move(generator);
+}
+
+inline std::size_t ChatService::active_streams() const { return core_.hub.active(); }
+
+inline bool ChatService::is_shutting_down() const { return core_.stopping.load(); }
+
+inline Server::Server(Options options)
+    : core_(std::make_shared<detail::Core>(std::move(options))), chat_service_(*core_) {}
+
+inline Server::~Server() {
+  std::unique_lock<std::mutex> lock(core_->mu);
+  using State = detail::Core::State;
+  if (!core_->listen_called || core_->state == State::failed || core_->state == State::stopped) {
+    return;
+  }
+  lock.unlock();
+  core_->request_shutdown();
+  lock.lock();
+  core_->cv.wait(lock, [&] {
+    return core_->state == State::failed || core_->state == State::stopped;
+  });
+}
+
+inline const Options& Server::options() const { return core_->options; }
+
+inline bool Server::listen() {
+  using State = detail::Core::State;
+  const std::shared_ptr<detail::Core> core = core_;
+  const Options& o = core->options;
+  {
+    std::lock_guard<std::mutex> lock(core->mu);
+    if (core->listen_called) {
+      core->log(LogLevel::error, "listen() called again: a Server serves once");
+      return false;
+    }
+    core->listen_called = true;
+  }
+  const auto set_state = [&](State state) {
+    {
+      std::lock_guard<std::mutex> lock(core->mu);
+      core->state = state;
+    }
+    core->cv.notify_all();
+  };
+
+  detail::HttpFrontend http(core);
+  std::string why;
+  const int port = http.bind(why);
+  if (port < 0) {
+    core->log(LogLevel::error,
+              "cannot listen on " + o.host + ":" + std::to_string(o.port) + ": " + why);
+    set_state(State::failed);
+    return false;
+  }
+  core->port = port;
+  core->hub.start();
+  std::thread acceptor([&] {
+    if (!http.listen_after_bind()) {
+      core->log(LogLevel::error, "accepting connections failed; shutting down");
+      core->request_shutdown();
+    }
+  });
+  set_state(State::ready);
+  core->log(LogLevel::info, "ready on " + o.host + ":" + std::to_string(port));
+
+  {
+    std::unique_lock<std::mutex> lock(core->mu);
+    core->cv.wait(lock, [&] { return core->stopping.load(); });
+  }
+  const auto started = detail::Clock::now();
+  const std::size_t notified = core->hub.end_all_for_shutdown();
+  core->log(LogLevel::info, std::to_string(notified) + " streams notified");
+  bool drained;
+  {
+    std::unique_lock<std::mutex> lock(core->mu);
+    drained = core->cv.wait_until(lock, started + o.grace_period,
+                                  [&] { return core->forced.load() || core->drained(); });
+    drained = drained && !core->forced;
+  }
+  if (drained) {
+    core->log(LogLevel::info, "drained in " + std::to_string(detail::elapsed_ms(started)) + " ms");
+  } else {
+    const std::size_t generators = core->admitted.load();
+    const std::size_t closed = core->hub.close_all() + core->shut_down_connections();
+    core->log(LogLevel::warning,
+              std::string(core->forced ? "forced" : "grace period over") + " after " +
+                  std::to_string(detail::elapsed_ms(started)) + " ms: closed " +
+                  std::to_string(closed) + " connections; " + std::to_string(generators) +
+                  " generators still running are left to finish on their own");
+  }
+  http.stop_accepting();
+  acceptor.join();
+  http.close_listener();
+  core->hub.close_all();
+  core->hub.stop();
+
+  std::vector<std::function<void()>> hooks;
+  {
+    std::lock_guard<std::mutex> lock(core->mu);
+    hooks = core->hooks;
+  }
+  for (std::size_t i = 0; i < hooks.size(); ++i) {
+    try {
+      hooks[i]();
+    } catch (const std::exception& e) {
+      core->log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw: " + e.what());
+    } catch (...) {
+      core->log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw");
+    }
+  }
+  core->log(LogLevel::info, "stopped");
+  set_state(State::stopped);
+  return true;
+}
+
+inline bool Server::wait_until_ready(std::chrono::milliseconds timeout) const {
+  using State = detail::Core::State;
+  std::unique_lock<std::mutex> lock(core_->mu);
+  core_->cv.wait_for(lock, timeout, [&] { return core_->state != State::idle; });
+  return core_->state == State::ready || core_->state == State::stopped;
+}
+
+inline int Server::port() const { return core_->port.load(); }
+
+inline void Server::shutdown() { core_->request_shutdown(); }
+
+inline void Server::force_shutdown() { core_->request_force(); }
+
+inline bool Server::is_shutting_down() const { return core_->stopping.load(); }
+
+inline void Server::on_shutdown(std::function<void()> hook) {
+  std::lock_guard<std::mutex> lock(core_->mu);
+  core_->hooks.push_back(std::move(hook));
+}
+
+// ===========================================================================
+// Signal hook
+// ===========================================================================
+
+namespace detail {
+
+struct SignalRecord {
+  int signo;  // 0: the guard is going away
+  std::int64_t at_ns;
+};
+
+// The write end of the hook's pipe; the handler's only state.
+inline std::atomic<int> g_signal_pipe{-1};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free int");
+
+// Async-signal-safe: clock_gettime and write only.
+inline void on_signal(int signo) {
+  const int saved_errno = errno;
+  const int fd = g_signal_pipe.load(std::memory_order_relaxed);
+  if (fd >= 0) {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    const SignalRecord record{signo, static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec};
+    const ssize_t w = ::write(fd, &record, sizeof record);
+    (void)w;
+  }
+  errno = saved_errno;
+}
+
+inline const char* signal_name(int signo) {
+  return signo == SIGINT ? "SIGINT" : signo == SIGTERM ? "SIGTERM" : "signal";
+}
+
+}  // namespace detail
+
+struct SignalHook::State {
+  std::shared_ptr<detail::Core> core;
+  int pipe_read = -1, pipe_write = -1;
+  struct sigaction previous_int {};
+  struct sigaction previous_term {};
+  std::atomic<bool> forced{false};
+  std::thread watcher;
+};
+
+inline SignalHook::SignalHook(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}
+inline SignalHook::SignalHook(SignalHook&& other) noexcept = default;
+
+inline SignalHook& SignalHook::operator=(SignalHook&& other) noexcept {
+  if (this != &other) {
+    SignalHook dying(std::move(*this));
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+inline SignalHook::~SignalHook() {
+  if (!state_) return;
+  ::sigaction(SIGINT, &state_->previous_int, nullptr);
+  ::sigaction(SIGTERM, &state_->previous_term, nullptr);
+  detail::g_signal_pipe.store(-1);
+  const detail::SignalRecord stop{0, 0};
+  const ssize_t w = ::write(state_->pipe_write, &stop, sizeof stop);
+  (void)w;
+  state_->watcher.join();
+  ::close(state_->pipe_read);
+  ::close(state_->pipe_write);
+}
+
+inline bool SignalHook::forced() const { return state_ && state_->forced.load(); }
+
+// The handler only records the signal; this thread acts on it, where locks
+// and allocation are allowed. A signal within 20 ms of the first belongs to
+// the same burst (kill -TERM sent by a supervisor to every process, a
+// repeated key) and does not count as the second one.
+inline void SignalHook::watch(State& state) {
+  constexpr std::int64_t kBurstNs = 20 * 1000 * 1000;
+  std::int64_t first_ns = -1;
+  for (;;) {
+    detail::SignalRecord record{};
+    char* into = reinterpret_cast<char*>(&record);
+    std::size_t got = 0;
+    while (got < sizeof record) {
+      const ssize_t n = ::read(state.pipe_read, into + got, sizeof record - got);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      got += static_cast<std::size_t>(n);
+    }
+    if (record.signo == 0) return;
+    const std::string name = detail::signal_name(record.signo);
+    if (first_ns < 0) {
+      first_ns = record.at_ns;
+      state.core->log(LogLevel::info, "signal received: " + name);
+      state.core->request_shutdown();
+    } else if (record.at_ns - first_ns >= kBurstNs && !state.forced) {
+      state.forced = true;
+      state.core->log(LogLevel::warning, "second signal received: " + name + "; forcing shutdown");
+      state.core->request_force();
+    }
+  }
+}
+
+inline SignalHook install_signal_handlers(Server& server) {
+  auto state = std::make_unique<SignalHook::State>();
+  state->core = server.core_;
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe2");
+  state->pipe_read = fds[0];
+  state->pipe_write = fds[1];
+  // The handler must never block, even if the watcher falls behind.
+  ::fcntl(fds[1], F_SETFL, ::fcntl(fds[1], F_GETFL, 0) | O_NONBLOCK);
+  int expected = -1;
+  if (!detail::g_signal_pipe.compare_exchange_strong(expected, fds[1])) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw std::logic_error("install_signal_handlers: another SignalHook is alive");
+  }
+  struct sigaction action {};
+  action.sa_handler = &detail::on_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  if (::sigaction(SIGINT, &action, &state->previous_int) != 0 ||
+      ::sigaction(SIGTERM, &action, &state->previous_term) != 0) {
+    const int err = errno;
+    ::sigaction(SIGINT, &state->previous_int, nullptr);
+    detail::g_signal_pipe.store(-1);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw std::system_error(err, std::generic_category(), "sigaction");
+  }
+  SignalHook::State* raw = state.get();
+  state->watcher = std::thread([raw] { SignalHook::watch(*raw); });
+  return SignalHook(std::move(state));
+}
+
+
+}  // namespace agentsmithy
