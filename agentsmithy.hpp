@@ -595,6 +595,13 @@ inline void StreamHub::stop() {
 }
 
 inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch) {
+  if (ch->kind == ChannelKind::sse) {
+    // Before the channel is shared: once it is, only `mu` guards the fd.
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = ch->id;
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, ch->fd, &ev);
+  }
   bool late = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -602,12 +609,6 @@ inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch) {
     late = shutting_down_;
   }
   ++count_;
-  if (ch->kind == ChannelKind::sse) {
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.u64 = ch->id;
-    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, ch->fd, &ev);
-  }
   Flow flow = Flow::open;
   {
     std::lock_guard<std::mutex> lock(ch->mu);
@@ -718,6 +719,10 @@ inline StreamHub::Flow StreamHub::flush_locked(Channel& ch) {
 
 inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
   if (ch.closed) return Flow::gone;
+  if (ch.pending_sent >= 64 * 1024) {  // keep a backlogged buffer from growing
+    ch.pending.erase(0, ch.pending_sent);
+    ch.pending_sent = 0;
+  }
   ch.pending.append(bytes);
   ch.last_write = Clock::now();
   if (ch.unsent() == bytes.size()) ch.last_progress = ch.last_write;
@@ -992,11 +997,15 @@ class WorkerPool final : public httplib::TaskQueue {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->tasks.push_back(std::move(task));
     if (state_->tasks.size() > state_->idle && state_->threads < state_->max_threads) {
-      ++state_->threads;
-      std::thread(&WorkerPool::work, state_).detach();
-    } else {
-      state_->work_cv.notify_one();
+      try {
+        std::thread(&WorkerPool::work, state_).detach();
+        ++state_->threads;
+        return;
+      } catch (const std::system_error&) {
+        // Out of threads: the task waits for a busy one to come free.
+      }
     }
+    state_->work_cv.notify_one();
   }
 
   // Waits briefly for the workers to exit; any still busy then is stuck in a
