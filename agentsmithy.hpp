@@ -27,6 +27,7 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -661,10 +662,8 @@ inline void StreamHub::forget(const Channel& ch) {
     std::lock_guard<std::mutex> lock(mu_);
     erased = channels_.erase(ch.id) > 0;
   }
-  if (erased) {
-    --count_;
-    on_count_change_();
-  }
+  // Only the last one matters to a drain waiting for zero.
+  if (erased && --count_ == 0) on_count_change_();
 }
 
 inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
@@ -1113,12 +1112,12 @@ struct Core {
     return true;
   }
   void release() {
-    admitted.fetch_sub(1);
-    changed();
+    if (admitted.fetch_sub(1) == 1) changed();
   }
 
   // Nothing left to wait for: no stream, no running generator, no connection
-  // in the middle of a request.
+  // in the middle of a request. Each counter calls changed() when it reaches
+  // zero, so the last one to get there wakes the drain.
   bool drained() const {
     return hub.active() == 0 && admitted.load() == 0 && connections.load() == 0;
   }
@@ -1139,8 +1138,7 @@ struct Core {
   void remove_connection(int fd) {
     {
       std::lock_guard<std::mutex> lock(connections_mu);
-      if (connection_fds.erase(fd) == 0) return;
-      --connections;
+      if (connection_fds.erase(fd) == 0 || --connections > 0) return;
     }
     changed();
   }
@@ -1715,6 +1713,25 @@ inline Server::~Server() {
 
 inline const Options& Server::options() const { return core_->options; }
 
+namespace detail {
+
+// Linux 6.16+ gives a process a private futex hash sized from the CPU count
+// (16 slots on 2 cores), whatever its thread count; with thousands of
+// generator threads waiting on condition variables every wake then walks
+// long chains. Grow it to fit the threads we may run. Best effort: older
+// kernels refuse and keep their global hash.
+inline void size_futex_hash(std::size_t threads) {
+  constexpr int kFutexHash = 78, kSetSlots = 1, kGetSlots = 2;  // PR_FUTEX_HASH
+  unsigned long slots = 16;
+  while (slots < threads && slots < (1ul << 16)) slots <<= 1;
+  const int current = ::prctl(kFutexHash, kGetSlots, 0, 0, 0);
+  if (current >= 0 && static_cast<unsigned long>(current) < slots) {
+    ::prctl(kFutexHash, kSetSlots, slots, 0, 0);
+  }
+}
+
+}  // namespace detail
+
 inline bool Server::listen() {
   using State = detail::Core::State;
   const std::shared_ptr<detail::Core> core = core_;
@@ -1745,6 +1762,7 @@ inline bool Server::listen() {
     return false;
   }
   core->port = port;
+  detail::size_futex_hash(o.max_streams + 64);
   core->hub.start();
   std::thread acceptor([&] {
     if (!http.listen_after_bind()) {
