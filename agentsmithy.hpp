@@ -83,13 +83,19 @@ struct Options {
   // Concurrent chat requests (streaming or not); the next one gets 503.
   std::size_t max_streams = 256;
   std::size_t max_body_bytes = 1 << 20;
-  // A blocking read of a request gives up after this long.
+  // A request's headers and body must arrive within this long of its first
+  // byte; a client that dribbles them (slow loris) is cut off.
   std::chrono::milliseconds read_timeout{5000};
   // A stream whose client accepts no byte for this long is dropped.
   std::chrono::milliseconds write_timeout{5000};
   // An idle keep-alive connection is closed after this long (and at once on
   // shutdown).
   std::chrono::milliseconds keep_alive_timeout{5000};
+  // When set, /api/* needs "Authorization: Bearer <auth_token>" (else 401);
+  // /health stays open for probes.
+  std::string auth_token;
+  // Origins allowed to call the API from a browser (CORS); empty: none.
+  std::vector<std::string> cors_origins;
   LogLevel log_level = LogLevel::info;
   Logger logger;  // empty: one line per record on stderr
 };
@@ -329,14 +335,19 @@ inline void append_event_chunk(std::string& out, const json& event) {
 
 inline constexpr std::string_view kHeartbeatComment = ": ping\n\n";
 inline constexpr std::string_view kLastChunk = "0\r\n\r\n";
-inline constexpr std::string_view kStreamResponseHead =
-    "HTTP/1.1 200 OK\r\n"
-    "Content-Type: text/event-stream\r\n"
-    "Cache-Control: no-cache\r\n"
-    "X-Accel-Buffering: no\r\n"
-    "Connection: close\r\n"
-    "Transfer-Encoding: chunked\r\n"
-    "\r\n";
+// `extra_headers`: complete header lines (CORS).
+inline std::string stream_response_head(std::string_view extra_headers) {
+  std::string head =
+      "HTTP/1.1 200 OK\r\n"
+      "Content-Type: text/event-stream\r\n"
+      "Cache-Control: no-cache\r\n"
+      "X-Accel-Buffering: no\r\n"
+      "Connection: close\r\n"
+      "Transfer-Encoding: chunked\r\n";
+  head.append(extra_headers);
+  head.append("\r\n");
+  return head;
+}
 
 inline json error_event(std::string_view message) {
   return json{{"type", "error"}, {"error", message}};
@@ -516,8 +527,9 @@ class StreamHub {
   void start();
   void stop();  // joins the hub thread; call after close_all()
 
-  // Takes ownership of `fd` and queues the stream's response head.
-  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id);
+  // Takes ownership of `fd` and queues the stream's response `head`.
+  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id,
+                                       const std::string& head);
   std::shared_ptr<Channel> open_collector(const std::string& dialog_id);
 
   bool send(Channel& ch, const json& event);
@@ -537,7 +549,7 @@ class StreamHub {
   static constexpr std::size_t kMaxUnsent = 1 << 20;  // then send() waits
   static constexpr std::uint64_t kWakeId = 0;
 
-  std::shared_ptr<Channel> add(std::shared_ptr<Channel> ch);
+  std::shared_ptr<Channel> add(std::shared_ptr<Channel> ch, std::string_view head);
   std::shared_ptr<Channel> find(std::uint64_t id) const;
   std::vector<std::shared_ptr<Channel>> snapshot() const;
   void forget(const Channel& ch);
@@ -595,7 +607,8 @@ inline void StreamHub::stop() {
   thread_.join();
 }
 
-inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch) {
+inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch,
+                                               std::string_view head) {
   if (ch->kind == ChannelKind::sse) {
     // Before the channel is shared: once it is, only `mu` guards the fd.
     epoll_event ev{};
@@ -613,7 +626,7 @@ inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch) {
   Flow flow = Flow::open;
   {
     std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->kind == ChannelKind::sse) flow = queue_locked(*ch, kStreamResponseHead);
+    if (ch->kind == ChannelKind::sse) flow = queue_locked(*ch, head);
     // Admitted just as the shutdown began: end it like the others.
     if (late && flow == Flow::open && !ch->ended) {
       end_for_shutdown_locked(*ch);
@@ -624,13 +637,14 @@ inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch) {
   return ch;
 }
 
-inline std::shared_ptr<Channel> StreamHub::open_stream(int fd, const std::string& dialog_id) {
+inline std::shared_ptr<Channel> StreamHub::open_stream(int fd, const std::string& dialog_id,
+                                                       const std::string& head) {
   std::uint64_t id;
   {
     std::lock_guard<std::mutex> lock(mu_);
     id = next_id_++;
   }
-  return add(std::make_shared<Channel>(id, ChannelKind::sse, fd, dialog_id));
+  return add(std::make_shared<Channel>(id, ChannelKind::sse, fd, dialog_id), head);
 }
 
 inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dialog_id) {
@@ -639,7 +653,7 @@ inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dia
     std::lock_guard<std::mutex> lock(mu_);
     id = next_id_++;
   }
-  return add(std::make_shared<Channel>(id, ChannelKind::collect, -1, dialog_id));
+  return add(std::make_shared<Channel>(id, ChannelKind::collect, -1, dialog_id), {});
 }
 
 inline std::shared_ptr<Channel> StreamHub::find(std::uint64_t id) const {
@@ -1177,6 +1191,45 @@ struct Core {
 };
 
 // ===========================================================================
+// Security checks
+// ===========================================================================
+
+inline bool is_loopback_host(std::string_view host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
+}
+
+// A Host header naming this machine's loopback (and, if it has one, our
+// port). Anything else reaching a loopback-bound server came through a name
+// an attacker controls: DNS rebinding from a web page.
+inline bool is_loopback_host_header(std::string_view value, int port) {
+  std::string_view name = value, rest;
+  if (!value.empty() && value.front() == '[') {
+    const std::size_t close = value.find(']');
+    if (close == std::string_view::npos) return false;
+    name = value.substr(0, close + 1);
+    rest = value.substr(close + 1);
+  } else if (const std::size_t colon = value.rfind(':'); colon != std::string_view::npos) {
+    name = value.substr(0, colon);
+    rest = value.substr(colon);
+  }
+  if (!rest.empty() && rest != ":" + std::to_string(port)) return false;
+  std::string lowered(name);
+  for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return lowered == "localhost" || lowered == "127.0.0.1" || lowered == "[::1]";
+}
+
+// Takes as long for every `given` of a length, whatever it shares with
+// `secret`: the token cannot be guessed byte by byte from timings.
+inline bool constant_time_equal(std::string_view given, std::string_view secret) {
+  unsigned diff = given.size() == secret.size() ? 0u : 1u;
+  for (std::size_t i = 0; i < secret.size(); ++i) {
+    const unsigned char g = i < given.size() ? static_cast<unsigned char>(given[i]) : 0;
+    diff |= g ^ static_cast<unsigned char>(secret[i]);
+  }
+  return diff == 0;
+}
+
+// ===========================================================================
 // HTTP front end: cpp-httplib parses requests; we own the connections
 // ===========================================================================
 
@@ -1189,12 +1242,12 @@ class SocketStream final : public httplib::Stream {
   SocketStream(int fd, const Options& options)
       : fd_(fd), read_timeout_(options.read_timeout), write_timeout_(options.write_timeout) {}
 
-  bool is_readable() const override { return buffered() > 0 || ready(POLLIN, read_timeout_); }
+  bool is_readable() const override { return buffered() > 0 || ready(POLLIN, read_budget()); }
   bool is_writable() const override { return muted_ || ready(POLLOUT, write_timeout_); }
 
   ssize_t read(char* ptr, size_t size) override {
     if (buffered() == 0) {
-      if (!ready(POLLIN, read_timeout_)) return -1;
+      if (!ready(POLLIN, read_budget())) return -1;
       ssize_t n;
       do {
         n = ::recv(fd_, buffer_, sizeof buffer_, 0);
@@ -1232,8 +1285,15 @@ class SocketStream final : public httplib::Stream {
 
   std::size_t buffered() const { return end_ - begin_; }
   void set_muted(bool muted) { muted_ = muted; }
+  // Starts the clock on a request: all of it must arrive within read_timeout.
+  void begin_request() { deadline_ = Clock::now() + read_timeout_; }
 
  private:
+  std::chrono::milliseconds read_budget() const {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now());
+    return std::max(std::chrono::milliseconds(0), std::min(left, read_timeout_));
+  }
+
   bool ready(short events, std::chrono::milliseconds timeout) const {
     pollfd p{fd_, events, 0};
     int n;
@@ -1268,6 +1328,7 @@ class SocketStream final : public httplib::Stream {
   char buffer_[4096];
   std::size_t begin_ = 0, end_ = 0;
   bool muted_ = false;
+  Clock::time_point deadline_ = Clock::now();
 };
 
 // Holds one of max_streams slots until the chat request's generator returns.
@@ -1291,6 +1352,7 @@ struct ChatJob {
   ChatRequest request;
   Generator generator;
   Admission admission;
+  std::string extra_headers;  // CORS, as complete header lines
 };
 
 // The connection the current worker thread is serving.
@@ -1326,8 +1388,11 @@ class HttpFrontend final : public httplib::Server {
 
   bool process_and_close_socket(socket_t sock) override;
   bool wait_for_request(const Core& core, const SocketStream& stream, bool first) const;
+  HandlerResponse guard(const httplib::Request& req, httplib::Response& res);
+  std::optional<std::string> allowed_origin(const httplib::Request& req) const;
   void handle_chat(const httplib::Request& req, httplib::Response& res);
   void handle_health(const httplib::Request& req, httplib::Response& res);
+  static void close_after_response(httplib::Response& res);
   static void respond_shutting_down(httplib::Response& res);
 
   static std::optional<std::string> run_generator(Core& core, const ChatJob& job,
@@ -1373,6 +1438,14 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
         res.set_content(error_body(message), "application/json");
         return HandlerResponse::Handled;
       }));
+  set_pre_routing_handler(
+      [this](const httplib::Request& req, httplib::Response& res) { return guard(req, res); });
+  set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (const auto origin = allowed_origin(req)) {
+      res.set_header("Access-Control-Allow-Origin", *origin);
+      res.set_header("Vary", "Origin");
+    }
+  });
   Post("/api/chat", [this](const httplib::Request& req, httplib::Response& res) {
     handle_chat(req, res);
   });
@@ -1434,6 +1507,7 @@ inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
   t_connection = &conn;
   for (std::size_t served = 0; served < kMaxRequestsPerConnection; ++served) {
     if (!wait_for_request(*core, stream, served == 0)) break;
+    stream.begin_request();
     conn.close_announced = core->stopping || served + 1 == kMaxRequestsPerConnection;
     bool client_closes = false;
     const bool ok = process_request(stream, conn.close_announced, client_closes, nullptr);
@@ -1452,12 +1526,62 @@ inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
   return true;
 }
 
+inline void HttpFrontend::close_after_response(httplib::Response& res) {
+  if (!t_connection) return;
+  if (!t_connection->close_announced) res.set_header("Connection", "close");
+  t_connection->close_after = true;
+}
+
 inline void HttpFrontend::respond_shutting_down(httplib::Response& res) {
   res.status = 503;
   res.set_header("Retry-After", "1");
-  if (t_connection && !t_connection->close_announced) res.set_header("Connection", "close");
-  if (t_connection) t_connection->close_after = true;
+  close_after_response(res);
   res.set_content(error_body(kShutdownMessage), "application/json");
+}
+
+inline std::optional<std::string> HttpFrontend::allowed_origin(const httplib::Request& req) const {
+  const auto& origins = core_->options.cors_origins;
+  if (origins.empty() || !req.has_header("Origin")) return std::nullopt;
+  const std::string origin = req.get_header_value("Origin");
+  if (std::find(origins.begin(), origins.end(), origin) == origins.end()) return std::nullopt;
+  return origin;
+}
+
+// Runs before routing, so a rejected request's body is never read: the
+// connection closes after the answer.
+inline httplib::Server::HandlerResponse HttpFrontend::guard(const httplib::Request& req,
+                                                            httplib::Response& res) {
+  const agentsmithy::Options& o = core_->options;
+  const auto reject = [&](int status, const std::string& message) {
+    res.status = status;
+    res.set_content(error_body(message), "application/json");
+    close_after_response(res);
+    return HandlerResponse::Handled;
+  };
+  if (is_loopback_host(o.host) && req.has_header("Host") &&
+      !is_loopback_host_header(req.get_header_value("Host"), core_->port)) {
+    return reject(403, "Host not allowed: a server bound to loopback answers only localhost, "
+                       "127.0.0.1 or [::1]");
+  }
+  if (req.method == "OPTIONS") {  // CORS preflight: no credentials are sent with it
+    if (req.has_header("Origin") && !allowed_origin(req)) {
+      return reject(403, "Origin not allowed: " + req.get_header_value("Origin"));
+    }
+    res.status = 204;
+    res.set_header("Allow", "GET, POST, OPTIONS");
+    if (req.has_header("Origin")) {
+      res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+      res.set_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Accept");
+      res.set_header("Access-Control-Max-Age", "600");
+    }
+    return HandlerResponse::Handled;
+  }
+  if (!o.auth_token.empty() && req.path.rfind("/api/", 0) == 0 &&
+      !constant_time_equal(req.get_header_value("Authorization"), "Bearer " + o.auth_token)) {
+    res.set_header("WWW-Authenticate", "Bearer");
+    return reject(401, "Missing or invalid bearer token");
+  }
+  return HandlerResponse::Unhandled;
 }
 
 inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Response& res) {
@@ -1483,8 +1607,12 @@ inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Resp
   Admission admission(core);
   if (!t_connection) return respond_shutting_down(res);  // not served by our loop
   t_connection->stream->set_muted(true);
+  std::string extra_headers;
+  if (const auto origin = allowed_origin(req)) {
+    extra_headers = "Access-Control-Allow-Origin: " + *origin + "\r\nVary: Origin\r\n";
+  }
   t_connection->chat.emplace(ChatJob{std::move(request), core.current_generator(),
-                                     std::move(admission)});
+                                     std::move(admission), std::move(extra_headers)});
 }
 
 inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
@@ -1518,7 +1646,8 @@ inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const 
 
 inline void HttpFrontend::run_stream(Core& core, int fd, ChatJob job) {
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) | O_NONBLOCK);
-  const auto ch = core.hub.open_stream(fd, job.request.dialog_id);
+  const auto ch =
+      core.hub.open_stream(fd, job.request.dialog_id, stream_response_head(job.extra_headers));
   core.log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
   run_generator(core, job, ch);
 }
@@ -1544,7 +1673,8 @@ inline void HttpFrontend::run_collect(Core& core, SocketStream& stream, ChatJob 
   }
   std::string response = "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
                          "\r\nContent-Type: application/json\r\nContent-Length: " +
-                         std::to_string(body.size()) + "\r\nConnection: close\r\n";
+                         std::to_string(body.size()) + "\r\nConnection: close\r\n" +
+                         job.extra_headers;
   if (status == 503) response += "Retry-After: 1\r\n";
   response += "\r\n" + body;
   stream.write(response.data(), response.size());
