@@ -1025,9 +1025,10 @@ class WorkerPool final : public httplib::TaskQueue {
   // generator and left to finish on its own.
   void shutdown() override {
     std::unique_lock<std::mutex> lock(state_->mu);
+    if (state_->stopping) return;
     state_->stopping = true;
     state_->work_cv.notify_all();
-    state_->exit_cv.wait_for(lock, std::chrono::milliseconds(100),
+    state_->exit_cv.wait_for(lock, std::chrono::milliseconds(50),
                              [&] { return state_->threads == 0; });
   }
 
@@ -1484,15 +1485,23 @@ inline void HttpFrontend::close_listener() {
 inline bool HttpFrontend::wait_for_request(const Core& core, const SocketStream& stream,
                                            bool first) const {
   if (stream.buffered() > 0) return true;  // a pipelined request
-  // A new connection gets its first request read even during the drain (it
-  // deserves its 503); an idle keep-alive one is closed at once then.
+  // On shutdown an idle keep-alive connection is closed at once; a new one
+  // gets a moment for its first request to arrive (it deserves its 503),
+  // but a client that connects and says nothing cannot hold up the drain.
+  constexpr std::chrono::milliseconds kFirstRequestGrace{50};
   pollfd fds[2] = {{stream.socket(), POLLIN, 0}, {core.wake_fd, POLLIN, 0}};
   const auto timeout = first ? core.options.read_timeout : core.options.keep_alive_timeout;
-  int n;
-  do {
-    n = ::poll(fds, first ? 1 : 2, static_cast<int>(timeout.count()));
-  } while (n < 0 && errno == EINTR);
-  return n > 0 && fds[0].revents != 0;
+  const auto poll_for = [&](int count, std::chrono::milliseconds ms) {
+    int n;
+    do {
+      n = ::poll(fds, count, static_cast<int>(ms.count()));
+    } while (n < 0 && errno == EINTR);
+    return n;
+  };
+  if (poll_for(2, timeout) <= 0) return false;
+  if (fds[0].revents != 0) return true;
+  if (!first) return false;
+  return poll_for(1, std::min(timeout, kFirstRequestGrace)) > 0;
 }
 
 inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
