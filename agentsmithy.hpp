@@ -1422,7 +1422,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
       1, std::chrono::duration_cast<std::chrono::seconds>(o.keep_alive_timeout).count()));
   const std::size_t max_threads = o.max_streams + 64;
   new_task_queue = [max_threads] {
-    return new WorkerPool(max_threads, std::chrono::milliseconds(10000));
+    return new WorkerPool(max_threads, std::chrono::milliseconds(2000));
   };
   const std::size_t max_body = o.max_body_bytes;
   set_error_handler(Server::HandlerWithResponse(
