@@ -994,7 +994,7 @@ inline void StreamHub::run() {
 // cpp-httplib's default pool has a fixed max(8, cores-1) threads and an
 // unbounded queue, so the ninth stream waits silently. This one starts empty,
 // adds a thread whenever a task would otherwise wait (up to a cap sized from
-// max_streams), and lets threads that idle too long exit. Threads are
+// max_streams), and lets threads that idle for 2 s exit. Threads are
 // detached and share the pool state, so a task stuck in a generator that
 // ignores cancellation cannot hold up shutdown(); it is left to finish.
 class WorkerPool final : public httplib::TaskQueue {
