@@ -558,10 +558,11 @@ class StreamHub {
   void on_socket_event(Channel& ch, std::uint32_t events);
 
   Flow queue_locked(Channel& ch, std::string_view bytes);
-  Flow flush_locked(Channel& ch);
+  // `wake`: notify the generator waiting on the channel if it closes.
+  Flow flush_locked(Channel& ch, bool wake = true);
   void watch_out_locked(Channel& ch, bool on);
   void end_for_shutdown_locked(Channel& ch);
-  void close_locked(Channel& ch);
+  void close_locked(Channel& ch, bool wake = true);
 
   const Options& options_;
   const std::function<void()> on_count_change_;
@@ -630,6 +631,7 @@ inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch,
     // Admitted just as the shutdown began: end it like the others.
     if (late && flow == Flow::open && !ch->ended) {
       end_for_shutdown_locked(*ch);
+      ch->cv.notify_all();
       if (!ch->closed && ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
     }
   }
@@ -691,17 +693,17 @@ inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
 
 // Closing removes the socket from the epoll set; a stale event for it finds
 // the channel gone or closed and is ignored.
-inline void StreamHub::close_locked(Channel& ch) {
+inline void StreamHub::close_locked(Channel& ch, bool wake) {
   if (ch.fd >= 0) ::close(ch.fd);
   ch.fd = -1;
   ch.closed = true;
   ch.cancelled = true;
   ch.pending.clear();
   ch.pending_sent = 0;
-  ch.cv.notify_all();
+  if (wake) ch.cv.notify_all();
 }
 
-inline StreamHub::Flow StreamHub::flush_locked(Channel& ch) {
+inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake) {
   if (ch.closed) return Flow::gone;
   while (ch.unsent() > 0) {
     const ssize_t n = ::send(ch.fd, ch.pending.data() + ch.pending_sent, ch.unsent(),
@@ -716,15 +718,15 @@ inline StreamHub::Flow StreamHub::flush_locked(Channel& ch) {
       watch_out_locked(ch, true);
       return Flow::open;
     }
-    close_locked(ch);  // the client is gone: never write to it again
+    close_locked(ch, wake);  // the client is gone: never write to it again
     return Flow::gone;
   }
   ch.pending.clear();
   ch.pending_sent = 0;
   watch_out_locked(ch, false);
-  ch.cv.notify_all();
+  if (wake) ch.cv.notify_all();
   if (ch.ended) {
-    close_locked(ch);
+    close_locked(ch, wake);
     return Flow::closed;
   }
   return Flow::open;
@@ -742,11 +744,11 @@ inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view byt
   return flush_locked(ch);
 }
 
+// Does not wake the generator: see end_all_for_shutdown().
 inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
   ch.cancelled = true;
   ch.ended = true;
   ch.ended_by_shutdown = true;
-  ch.cv.notify_all();
   if (ch.kind == ChannelKind::sse && !ch.closed) {
     std::string tail;
     json error = error_event(kShutdownMessage);
@@ -829,6 +831,7 @@ inline bool StreamHub::send(Channel& ch, const json& event) {
 }
 
 inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
+  if (d.count() <= 0) return !ch.cancelled;
   std::unique_lock<std::mutex> lock(ch.mu);
   return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
 }
@@ -872,6 +875,8 @@ inline std::size_t StreamHub::end_all_for_shutdown() {
     all.reserve(channels_.size());
     for (const auto& entry : channels_) all.push_back(entry.second);
   }
+  // First every client gets its final events, then the generators are woken:
+  // thousands of woken threads would otherwise compete with these writes.
   std::size_t ended = 0;
   for (const auto& ch : all) {
     Flow flow = Flow::open;
@@ -880,9 +885,13 @@ inline std::size_t StreamHub::end_all_for_shutdown() {
       if (ch->ended || ch->closed) continue;
       end_for_shutdown_locked(*ch);
       ++ended;
-      if (ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
+      if (ch->kind == ChannelKind::sse) flow = flush_locked(*ch, false);
     }
     if (flow != Flow::open) forget(*ch);
+  }
+  for (const auto& ch : all) {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    ch->cv.notify_all();
   }
   return ended;
 }
