@@ -48,6 +48,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <queue>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -472,6 +473,148 @@ inline std::optional<HttpError> parse_chat_request(std::string_view body, ChatRe
 }
 
 // ===========================================================================
+// The demo generator's text
+// ===========================================================================
+
+inline const std::vector<std::string>& story_words() {
+  static const std::vector<std::string> words = [] {
+    static const char* const sentences[] = {
+        "In a valley where the rivers ran backwards at dusk, there lived a smith who forged "
+        "answers instead of swords.",
+        "Every morning travellers climbed the hill to her forge with questions wrapped in cloth, "
+        "and every evening they walked home lighter.",
+        "She heated each question until it glowed, folded it over and over, and quenched it in "
+        "a barrel of cold starlight.",
+        "One winter a stranger arrived carrying a question so heavy that the road cracked "
+        "under his boots.",
+        "He asked how a thing could end well when nobody knew it was ending, and the smith set "
+        "down her hammer for the first time in years.",
+        "She told him that endings are kind only when they are announced, when every listener "
+        "hears the last word before the door is closed.",
+        "So together they built a bell that rang once for each traveller still on the road, so "
+        "that no one would walk into a dark and silent forge.",
+        "When the smith finally grew tired and banked her fire, the bell rang for every "
+        "traveller, and each of them turned for home knowing why.",
+        "Nobody was left waiting at the door, no question was left half forged, and the valley "
+        "slept soundly that night.",
+        "Years later children still told the story, and they always ended it the same way, "
+        "with the ringing of the bell and a quiet word of goodbye.",
+    };
+    std::vector<std::string> all;
+    for (int chapter = 1; all.size() < 2200; ++chapter) {
+      all.push_back("Chapter");
+      all.push_back(std::to_string(chapter) + ".");
+      for (const char* sentence : sentences) {
+        std::string text = sentence;
+        std::size_t start = 0;
+        while (start < text.size()) {
+          const std::size_t end = std::min(text.find(' ', start), text.size());
+          all.push_back(text.substr(start, end - start));
+          start = end + 1;
+        }
+      }
+    }
+    return all;
+  }();
+  return words;
+}
+
+inline std::vector<std::string> split_words(const std::string& text) {
+  std::vector<std::string> words;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    const std::size_t end = std::min(text.find(' ', start), text.size());
+    if (end > start) words.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return words;
+}
+
+// context.demo.<field> as an integer in [low, high], or `fallback` when absent.
+inline long long demo_setting(const json& context, const char* field, long long low,
+                              long long high, long long fallback) {
+  const auto demo = context.find("demo");
+  if (demo == context.end() || !demo->is_object()) return fallback;
+  const auto value = demo->find(field);
+  if (value == demo->end()) return fallback;
+  if (!value->is_number_integer() || value->get<long long>() < low ||
+      value->get<long long>() > high) {
+    throw std::invalid_argument("context.demo." + std::string(field) + " must be an integer in [" +
+                                std::to_string(low) + ", " + std::to_string(high) + "]");
+  }
+  return value->get<long long>();
+}
+
+// The demo's answer as a sequence of events with pauses between them. The
+// same script runs as demo_generator() on a generator thread and, for the
+// built-in default, directly on the stream hub's timer, where a paced stream
+// costs no thread and no wake-up of its own.
+class DemoScript {
+ public:
+  // Throws std::invalid_argument for a bad context.demo.
+  explicit DemoScript(const ChatRequest& request)
+      : tokens_(demo_setting(request.context, "tokens", 1, 1000000, 0)),
+        interval_(demo_setting(request.context, "interval_ms", 0, 60000, 20)) {
+    std::string query;
+    for (const Message& m : request.messages) {
+      if (m.role == "user") query = m.content;
+    }
+    std::string lowered = query;
+    for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (tokens_ == 0 && lowered.find("long story") == std::string::npos) {
+      reply_ = split_words("You said: \"" + query +
+                           "\". This is the agentsmithy demo generator; ask it to \"Tell me a "
+                           "long story\" to watch a long answer stream.");
+    }
+    const std::size_t words = this->words().size();
+    // With `tokens` the text repeats as often as needed; otherwise it is told once.
+    chunks_ = tokens_ > 0 ? tokens_
+                          : static_cast<long long>((words + kWordsPerChunk - 1) / kWordsPerChunk);
+  }
+
+  // The next event, or nothing once the answer is complete.
+  std::optional<json> next_event() {
+    if (step_ == 0) {
+      ++step_;
+      return json{{"type", "chat_start"}};
+    }
+    if (step_ <= chunks_) {
+      ++step_;
+      const auto& all = words();
+      std::string text;
+      for (std::size_t k = 0; k < kWordsPerChunk && (tokens_ > 0 || word_ < all.size()); ++k) {
+        text += all[word_++ % all.size()];
+        text += ' ';
+      }
+      return json{{"type", "chat"}, {"content", std::move(text)}};
+    }
+    if (step_ == chunks_ + 1) {
+      ++step_;
+      return json{{"type", "chat_end"}};
+    }
+    return std::nullopt;
+  }
+
+  // How long to wait before the next event: the interval between chunks.
+  std::chrono::milliseconds pause_before_next() const {
+    return step_ >= 2 && step_ <= chunks_ ? interval_ : std::chrono::milliseconds(0);
+  }
+
+ private:
+  static constexpr std::size_t kWordsPerChunk = 3;
+  const std::vector<std::string>& words() const {
+    return reply_.empty() ? story_words() : reply_;
+  }
+
+  const long long tokens_;
+  const std::chrono::milliseconds interval_;
+  std::vector<std::string> reply_;  // empty: the story
+  long long chunks_ = 0;
+  long long step_ = 0;  // 0: chat_start next; 1..chunks_: that chunk next
+  std::size_t word_ = 0;
+};
+
+// ===========================================================================
 // Channels: one per chat request, between its generator and its client
 // ===========================================================================
 
@@ -505,6 +648,10 @@ struct Channel {
   std::size_t events = 0;
   std::string collected;  // collect: the chat chunks joined
   std::string error;      // collect: the generator's error event
+  // The built-in demo, stepped by the hub instead of a generator thread, and
+  // what it holds until it stops (its max_streams slot).
+  std::unique_ptr<DemoScript> script;
+  std::shared_ptr<void> hold;
 
   std::size_t unsent() const { return pending.size() - pending_sent; }
 };
@@ -536,6 +683,9 @@ class StreamHub {
   bool wait(Channel& ch, std::chrono::milliseconds d);
   // The generator returned (error empty) or threw.
   void finish(Channel& ch, const std::optional<std::string>& error);
+  // Plays `script` on the hub's timer; `hold` is released when it stops.
+  void run_script(const std::shared_ptr<Channel>& ch, std::unique_ptr<DemoScript> script,
+                  std::shared_ptr<void> hold);
 
   // Shutdown step 3: error + done + last chunk on every open stream, written
   // by this one thread. Returns how many streams it ended.
@@ -555,9 +705,15 @@ class StreamHub {
   void forget(const Channel& ch);
   void run();
   void tick();
+  void schedule(std::shared_ptr<Channel> ch, Clock::time_point due);
+  void run_due_scripts();
+  void step(const std::shared_ptr<Channel>& ch);
   void on_socket_event(Channel& ch, std::uint32_t events);
 
   Flow queue_locked(Channel& ch, std::string_view bytes);
+  Flow write_event_locked(Channel& ch, json event);
+  Flow finish_locked(Channel& ch, const std::optional<std::string>& error);
+  static void drop_script_locked(Channel& ch);
   // `wake`: notify the generator waiting on the channel if it closes.
   Flow flush_locked(Channel& ch, bool wake = true);
   void watch_out_locked(Channel& ch, bool on);
@@ -575,6 +731,12 @@ class StreamHub {
   std::unordered_map<std::uint64_t, std::shared_ptr<Channel>> channels_;
   std::uint64_t next_id_ = 1;
   bool shutting_down_ = false;
+  struct Timer {
+    Clock::time_point due;
+    std::shared_ptr<Channel> channel;
+    bool operator>(const Timer& other) const { return due > other.due; }
+  };
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;  // guarded by mu_
 };
 
 inline StreamHub::StreamHub(const Options& options, std::function<void()> on_count_change)
@@ -590,6 +752,7 @@ inline StreamHub::StreamHub(const Options& options, std::function<void()> on_cou
 
 inline StreamHub::~StreamHub() {
   close_all();
+  timers_ = {};
   ::close(wake_fd_);
   ::close(epoll_fd_);
 }
@@ -693,7 +856,13 @@ inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
 
 // Closing removes the socket from the epoll set; a stale event for it finds
 // the channel gone or closed and is ignored.
+inline void StreamHub::drop_script_locked(Channel& ch) {
+  ch.script.reset();
+  ch.hold.reset();
+}
+
 inline void StreamHub::close_locked(Channel& ch, bool wake) {
+  drop_script_locked(ch);
   if (ch.fd >= 0) ::close(ch.fd);
   ch.fd = -1;
   ch.closed = true;
@@ -746,6 +915,7 @@ inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view byt
 
 // Does not wake the generator: see end_all_for_shutdown().
 inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
+  drop_script_locked(ch);
   ch.cancelled = true;
   ch.ended = true;
   ch.ended_by_shutdown = true;
@@ -836,35 +1006,107 @@ inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
   return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
 }
 
+inline StreamHub::Flow StreamHub::write_event_locked(Channel& ch, json event) {
+  event["dialog_id"] = ch.dialog_id;
+  std::string bytes;
+  append_event_chunk(bytes, event);
+  return queue_locked(ch, bytes);
+}
+
+// The answer is complete (error empty) or failed: `done` follows.
+inline StreamHub::Flow StreamHub::finish_locked(Channel& ch,
+                                                const std::optional<std::string>& error) {
+  drop_script_locked(ch);
+  if (ch.kind == ChannelKind::collect) {
+    ch.ended = true;
+    ch.cancelled = true;
+    return Flow::closed;
+  }
+  if (ch.ended || ch.closed) return Flow::open;  // ended by an event, the shutdown or the client
+  ch.ended = true;
+  ch.cancelled = true;
+  ch.cv.notify_all();
+  std::string tail;
+  if (error) {
+    json e = error_event(*error);
+    e["dialog_id"] = ch.dialog_id;
+    append_event_chunk(tail, e);
+  }
+  json done = done_event();
+  done["dialog_id"] = ch.dialog_id;
+  append_event_chunk(tail, done);
+  tail.append(kLastChunk);
+  return queue_locked(ch, tail);
+}
+
 inline void StreamHub::finish(Channel& ch, const std::optional<std::string>& error) {
-  Flow flow = Flow::open;
+  Flow flow;
   {
     std::lock_guard<std::mutex> lock(ch.mu);
-    if (ch.ended || ch.closed) {
-      // Already ended (by an error/done event, the shutdown or the client).
-    } else {
-      ch.ended = true;
-      ch.cancelled = true;
-      ch.cv.notify_all();
-      if (ch.kind == ChannelKind::sse) {
-        std::string tail;
-        if (error) {
-          json e = error_event(*error);
-          e["dialog_id"] = ch.dialog_id;
-          append_event_chunk(tail, e);
-        }
-        json done = done_event();
-        done["dialog_id"] = ch.dialog_id;
-        append_event_chunk(tail, done);
-        tail.append(kLastChunk);
-        flow = queue_locked(ch, tail);
-      } else {
-        flow = Flow::closed;
-      }
-    }
-    if (ch.kind == ChannelKind::collect) flow = Flow::closed;
+    flow = finish_locked(ch, error);
   }
   if (flow != Flow::open) forget(ch);
+}
+
+inline void StreamHub::run_script(const std::shared_ptr<Channel>& ch,
+                                  std::unique_ptr<DemoScript> script, std::shared_ptr<void> hold) {
+  {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->ended || ch->closed) return;  // `hold` is released on return
+    ch->script = std::move(script);
+    ch->hold = std::move(hold);
+  }
+  schedule(ch, Clock::now());
+  const std::uint64_t one = 1;
+  const ssize_t w = ::write(wake_fd_, &one, sizeof one);
+  (void)w;
+}
+
+inline void StreamHub::schedule(std::shared_ptr<Channel> ch, Clock::time_point due) {
+  std::lock_guard<std::mutex> lock(mu_);
+  timers_.push(Timer{due, std::move(ch)});
+}
+
+inline void StreamHub::run_due_scripts() {
+  std::vector<std::shared_ptr<Channel>> due;
+  {
+    const auto now = Clock::now();
+    std::lock_guard<std::mutex> lock(mu_);
+    while (!timers_.empty() && timers_.top().due <= now) {
+      due.push_back(timers_.top().channel);
+      timers_.pop();
+    }
+  }
+  for (const auto& ch : due) step(ch);
+}
+
+// Writes the script's events that are due, then sets the timer for the next.
+inline void StreamHub::step(const std::shared_ptr<Channel>& ch) {
+  constexpr int kMaxEventsPerStep = 64;  // then the other streams get their turn
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    for (int written = 0; ch->script && flow == Flow::open; ++written) {
+      if (ch->unsent() > kMaxUnsent || written == kMaxEventsPerStep) {
+        // A slow client: wait for it rather than buffer without bound.
+        const auto later = std::chrono::milliseconds(ch->unsent() > kMaxUnsent ? 5 : 0);
+        schedule(ch, Clock::now() + later);
+        break;
+      }
+      auto event = ch->script->next_event();
+      if (!event) {
+        flow = finish_locked(*ch, std::nullopt);
+        break;
+      }
+      flow = write_event_locked(*ch, std::move(*event));
+      if (flow != Flow::open || !ch->script) break;
+      if (const auto pause = ch->script->pause_before_next(); pause.count() > 0) {
+        schedule(ch, Clock::now() + pause);
+        break;
+      }
+    }
+  }
+  if (flow != Flow::open) forget(*ch);
 }
 
 inline std::size_t StreamHub::end_all_for_shutdown() {
@@ -975,8 +1217,15 @@ inline void StreamHub::run() {
   auto next_tick = Clock::now() + period;
   std::vector<epoll_event> events(512);
   while (running_) {
-    const auto wait =
-        std::chrono::duration_cast<milliseconds>(next_tick - Clock::now()).count() + 1;
+    auto wake_at = next_tick;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!timers_.empty()) wake_at = std::min(wake_at, timers_.top().due);
+    }
+    const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(
+                          wake_at - Clock::now() + std::chrono::microseconds(999))
+                          .count() /
+                      1000;
     const int n = ::epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()),
                                static_cast<int>(std::max<long long>(wait, 0)));
     for (int i = 0; i < n; ++i) {
@@ -989,6 +1238,7 @@ inline void StreamHub::run() {
       }
       if (const auto ch = find(id)) on_socket_event(*ch, events[i].events);
     }
+    run_due_scripts();
     if (Clock::now() >= next_tick) {
       tick();
       next_tick = Clock::now() + period;
@@ -1146,9 +1396,10 @@ struct Core {
     return hub.active() == 0 && admitted.load() == 0 && connections.load() == 0;
   }
 
+  // Empty: the built-in demo.
   Generator current_generator() {
     std::lock_guard<std::mutex> lock(generator_mu);
-    return generator ? generator : Generator(demo_generator);
+    return generator;
   }
 
   // Connections that are being served (not yet handed to the hub). Their
@@ -1651,7 +1902,11 @@ inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const 
   StreamWriter writer(ch, core.hub);
   std::optional<std::string> error;
   try {
-    job.generator(job.request, writer);
+    if (job.generator) {
+      job.generator(job.request, writer);
+    } else {
+      demo_generator(job.request, writer);
+    }
   } catch (const std::exception& e) {
     error = e.what();
   } catch (...) {
@@ -1667,6 +1922,18 @@ inline void HttpFrontend::run_stream(Core& core, int fd, ChatJob job) {
   const auto ch =
       core.hub.open_stream(fd, job.request.dialog_id, stream_response_head(job.extra_headers));
   core.log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
+  if (!job.generator) {
+    // The built-in demo runs on the hub's timer: this thread is free at once.
+    std::unique_ptr<DemoScript> script;
+    try {
+      script = std::make_unique<DemoScript>(job.request);
+    } catch (const std::exception& e) {
+      core.hub.finish(*ch, std::string(e.what()));
+      return;
+    }
+    core.hub.run_script(ch, std::move(script), std::make_shared<Admission>(std::move(job.admission)));
+    return;
+  }
   run_generator(core, job, ch);
 }
 
@@ -1698,79 +1965,6 @@ inline void HttpFrontend::run_collect(Core& core, SocketStream& stream, ChatJob 
   stream.write(response.data(), response.size());
 }
 
-// ===========================================================================
-// The demo generator's text
-// ===========================================================================
-
-inline const std::vector<std::string>& story_words() {
-  static const std::vector<std::string> words = [] {
-    static const char* const sentences[] = {
-        "In a valley where the rivers ran backwards at dusk, there lived a smith who forged "
-        "answers instead of swords.",
-        "Every morning travellers climbed the hill to her forge with questions wrapped in cloth, "
-        "and every evening they walked home lighter.",
-        "She heated each question until it glowed, folded it over and over, and quenched it in "
-        "a barrel of cold starlight.",
-        "One winter a stranger arrived carrying a question so heavy that the road cracked "
-        "under his boots.",
-        "He asked how a thing could end well when nobody knew it was ending, and the smith set "
-        "down her hammer for the first time in years.",
-        "She told him that endings are kind only when they are announced, when every listener "
-        "hears the last word before the door is closed.",
-        "So together they built a bell that rang once for each traveller still on the road, so "
-        "that no one would walk into a dark and silent forge.",
-        "When the smith finally grew tired and banked her fire, the bell rang for every "
-        "traveller, and each of them turned for home knowing why.",
-        "Nobody was left waiting at the door, no question was left half forged, and the valley "
-        "slept soundly that night.",
-        "Years later children still told the story, and they always ended it the same way, "
-        "with the ringing of the bell and a quiet word of goodbye.",
-    };
-    std::vector<std::string> all;
-    for (int chapter = 1; all.size() < 2200; ++chapter) {
-      all.push_back("Chapter");
-      all.push_back(std::to_string(chapter) + ".");
-      for (const char* sentence : sentences) {
-        std::string text = sentence;
-        std::size_t start = 0;
-        while (start < text.size()) {
-          const std::size_t end = std::min(text.find(' ', start), text.size());
-          all.push_back(text.substr(start, end - start));
-          start = end + 1;
-        }
-      }
-    }
-    return all;
-  }();
-  return words;
-}
-
-inline std::vector<std::string> split_words(const std::string& text) {
-  std::vector<std::string> words;
-  std::size_t start = 0;
-  while (start < text.size()) {
-    const std::size_t end = std::min(text.find(' ', start), text.size());
-    if (end > start) words.push_back(text.substr(start, end - start));
-    start = end + 1;
-  }
-  return words;
-}
-
-// context.demo.<field> as an integer in [low, high], or `fallback` when absent.
-inline long long demo_setting(const json& context, const char* field, long long low,
-                              long long high, long long fallback) {
-  const auto demo = context.find("demo");
-  if (demo == context.end() || !demo->is_object()) return fallback;
-  const auto value = demo->find(field);
-  if (value == demo->end()) return fallback;
-  if (!value->is_number_integer() || value->get<long long>() < low ||
-      value->get<long long>() > high) {
-    throw std::invalid_argument("context.demo." + std::string(field) + " must be an integer in [" +
-                                std::to_string(low) + ", " + std::to_string(high) + "]");
-  }
-  return value->get<long long>();
-}
-
 }  // namespace detail
 
 // ===========================================================================
@@ -1795,42 +1989,12 @@ inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) {
 inline const std::string& StreamWriter::dialog_id() const { return channel_->dialog_id; }
 
 inline void demo_generator(const ChatRequest& request, StreamWriter& out) {
-  constexpr std::size_t kWordsPerChunk = 3;
-  const long long tokens = detail::demo_setting(request.context, "tokens", 1, 1000000, 0);
-  const auto interval =
-      std::chrono::milliseconds(detail::demo_setting(request.context, "interval_ms", 0, 60000, 20));
-
-  std::string query;
-  for (const Message& m : request.messages) {
-    if (m.role == "user") query = m.content;
+  detail::DemoScript script(request);
+  while (const auto event = script.next_event()) {
+    if (!out.send(*event)) return;
+    const auto pause = script.pause_before_next();
+    if (pause.count() > 0 && !out.sleep_for(pause)) return;
   }
-  std::string lowered = query;
-  for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  const bool story = lowered.find("long story") != std::string::npos;
-
-  const std::vector<std::string> reply =
-      story || tokens > 0
-          ? detail::story_words()
-          : detail::split_words("You said: \"" + query +
-                                "\". This is the agentsmithy demo generator; ask it to \"Tell me a "
-                                "long story\" to watch a long answer stream.");
-  // With `tokens` the text repeats as often as needed; otherwise it is told once.
-  const long long chunks =
-      tokens > 0 ? tokens
-                 : static_cast<long long>((reply.size() + kWordsPerChunk - 1) / kWordsPerChunk);
-
-  if (!out.send({{"type", "chat_start"}})) return;
-  std::size_t word = 0;
-  for (long long i = 0; i < chunks; ++i) {
-    if (i > 0 && !out.sleep_for(interval)) return;
-    std::string text;
-    for (std::size_t k = 0; k < kWordsPerChunk && (tokens > 0 || word < reply.size()); ++k) {
-      text += reply[word++ % reply.size()];
-      text += ' ';
-    }
-    if (!out.chat(text)) return;
-  }
-  out.send({{"type", "chat_end"}});
 }
 
 inline void ChatService::set_generator(Generator generator) {
