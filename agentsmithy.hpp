@@ -707,11 +707,12 @@ class StreamHub {
   void tick();
   void schedule(std::shared_ptr<Channel> ch, Clock::time_point due);
   void run_due_scripts();
-  void step(const std::shared_ptr<Channel>& ch);
+  std::optional<Clock::time_point> step(const std::shared_ptr<Channel>& ch,
+                                        Clock::time_point due, Clock::time_point now);
   void on_socket_event(Channel& ch, std::uint32_t events);
 
+  void append_locked(Channel& ch, std::string_view bytes);
   Flow queue_locked(Channel& ch, std::string_view bytes);
-  Flow write_event_locked(Channel& ch, json event);
   Flow finish_locked(Channel& ch, const std::optional<std::string>& error);
   static void drop_script_locked(Channel& ch);
   // `wake`: notify the generator waiting on the channel if it closes.
@@ -901,15 +902,20 @@ inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake) {
   return Flow::open;
 }
 
-inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
-  if (ch.closed) return Flow::gone;
+// Adds bytes to what the socket has yet to take, without writing.
+inline void StreamHub::append_locked(Channel& ch, std::string_view bytes) {
   if (ch.pending_sent >= 64 * 1024) {  // keep a backlogged buffer from growing
     ch.pending.erase(0, ch.pending_sent);
     ch.pending_sent = 0;
   }
-  ch.pending.append(bytes);
   ch.last_write = Clock::now();
-  if (ch.unsent() == bytes.size()) ch.last_progress = ch.last_write;
+  if (ch.unsent() == 0) ch.last_progress = ch.last_write;
+  ch.pending.append(bytes);
+}
+
+inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
+  if (ch.closed) return Flow::gone;
+  append_locked(ch, bytes);
   return flush_locked(ch);
 }
 
@@ -1006,13 +1012,6 @@ inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
   return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
 }
 
-inline StreamHub::Flow StreamHub::write_event_locked(Channel& ch, json event) {
-  event["dialog_id"] = ch.dialog_id;
-  std::string bytes;
-  append_event_chunk(bytes, event);
-  return queue_locked(ch, bytes);
-}
-
 // The answer is complete (error empty) or failed: `done` follows.
 inline StreamHub::Flow StreamHub::finish_locked(Channel& ch,
                                                 const std::optional<std::string>& error) {
@@ -1068,29 +1067,43 @@ inline void StreamHub::schedule(std::shared_ptr<Channel> ch, Clock::time_point d
 }
 
 inline void StreamHub::run_due_scripts() {
-  std::vector<std::shared_ptr<Channel>> due;
+  const auto now = Clock::now();
+  std::vector<Timer> due, next;
   {
-    const auto now = Clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     while (!timers_.empty() && timers_.top().due <= now) {
-      due.push_back(timers_.top().channel);
+      due.push_back(timers_.top());
       timers_.pop();
     }
   }
-  for (const auto& ch : due) step(ch);
+  for (Timer& timer : due) {
+    if (const auto at = step(timer.channel, timer.due, now)) {
+      next.push_back(Timer{*at, std::move(timer.channel)});
+    }
+  }
+  if (next.empty()) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Timer& timer : next) timers_.push(std::move(timer));
 }
 
-// Writes the script's events that are due, then sets the timer for the next.
-inline void StreamHub::step(const std::shared_ptr<Channel>& ch) {
+// Writes the script's events that are due, all in one send, and tells when
+// the next one is due (nothing once the stream is over).
+inline std::optional<Clock::time_point> StreamHub::step(const std::shared_ptr<Channel>& ch,
+                                                        Clock::time_point due,
+                                                        Clock::time_point now) {
   constexpr int kMaxEventsPerStep = 64;  // then the other streams get their turn
+  std::optional<Clock::time_point> next;
   Flow flow = Flow::open;
   {
     std::lock_guard<std::mutex> lock(ch->mu);
-    for (int written = 0; ch->script && flow == Flow::open; ++written) {
-      if (ch->unsent() > kMaxUnsent || written == kMaxEventsPerStep) {
-        // A slow client: wait for it rather than buffer without bound.
-        const auto later = std::chrono::milliseconds(ch->unsent() > kMaxUnsent ? 5 : 0);
-        schedule(ch, Clock::now() + later);
+    if (!ch->script || ch->closed) return std::nullopt;
+    for (int written = 0;; ++written) {
+      if (ch->unsent() > kMaxUnsent) {  // a slow client: wait for it, do not buffer
+        next = now + std::chrono::milliseconds(5);
+        break;
+      }
+      if (written == kMaxEventsPerStep) {
+        next = now;
         break;
       }
       auto event = ch->script->next_event();
@@ -1098,15 +1111,22 @@ inline void StreamHub::step(const std::shared_ptr<Channel>& ch) {
         flow = finish_locked(*ch, std::nullopt);
         break;
       }
-      flow = write_event_locked(*ch, std::move(*event));
-      if (flow != Flow::open || !ch->script) break;
+      (*event)["dialog_id"] = ch->dialog_id;
+      std::string bytes;
+      append_event_chunk(bytes, *event);
+      append_locked(*ch, bytes);
       if (const auto pause = ch->script->pause_before_next(); pause.count() > 0) {
-        schedule(ch, Clock::now() + pause);
+        // Keep the cadence: a step that ran late does not push back every
+        // later event; one that fell a whole interval behind starts afresh.
+        next = std::max(due + pause, now);
         break;
       }
     }
+    if (flow == Flow::open) flow = flush_locked(*ch);
+    if (flow != Flow::open) next.reset();
   }
   if (flow != Flow::open) forget(*ch);
+  return next;
 }
 
 inline std::size_t StreamHub::end_all_for_shutdown() {
