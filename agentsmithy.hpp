@@ -416,10 +416,14 @@ inline std::optional<HttpError> parse_chat_request(std::string_view body, ChatRe
     return HttpError{400, "Invalid JSON: nested deeper than " + std::to_string(kMaxJsonDepth) +
                               " levels"};
   }
+  // The parser would stop at a NUL and ignore whatever follows it.
+  if (body.find('\0') != std::string_view::npos) {
+    return HttpError{400, "Invalid JSON: the body contains a NUL byte"};
+  }
   json doc;
   try {
     doc = json::parse(body.begin(), body.end());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for 1e999
     return HttpError{400, std::string("Invalid JSON: ") + e.what()};
   }
   if (!doc.is_object()) return HttpError{422, "body: must be a JSON object"};
@@ -1719,6 +1723,11 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
         res.set_content(error_body(message), "application/json");
         return HandlerResponse::Handled;
       }));
+  // The library's own answer to an exception puts its text in a header.
+  set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
+    res.status = 500;
+    res.set_content(error_body("Internal server error"), "application/json");
+  });
   set_pre_routing_handler(
       [this](const httplib::Request& req, httplib::Response& res) { return guard(req, res); });
   set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
