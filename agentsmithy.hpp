@@ -1531,8 +1531,9 @@ class SocketStream final : public httplib::Stream {
   bool is_writable() const override { return muted_ || ready(POLLOUT, write_timeout_); }
 
   ssize_t read(char* ptr, size_t size) override {
+    if (failed_) return -1;
     if (buffered() == 0) {
-      if (!ready(POLLIN, read_budget())) return -1;
+      if (!ready(POLLIN, read_budget())) return fail();  // the deadline passed
       ssize_t n;
       do {
         n = ::recv(fd_, buffer_, sizeof buffer_, 0);
@@ -1541,7 +1542,23 @@ class SocketStream final : public httplib::Stream {
       begin_ = 0;
       end_ = static_cast<std::size_t>(n);
     }
-    const std::size_t take = std::min(size, buffered());
+    std::size_t take = std::min(size, buffered());
+    if (in_head_) {
+      // The library would buffer a request line or header of any length.
+      for (std::size_t i = 0; i < take; ++i) {
+        const char c = buffer_[begin_ + i];
+        const bool bare_lf_pair = c == '\n' && last_ == '\n';  // "\n\n" ends it too
+        head_end_ = (c == '\r' || c == '\n') ? head_end_ + 1 : 0;
+        last_ = c;
+        if (head_end_ == 4 || bare_lf_pair) {
+          in_head_ = false;
+          take = i + 1;
+          break;
+        }
+      }
+      head_bytes_ += take;
+      if (in_head_ && head_bytes_ > kMaxHeadBytes) return fail();
+    }
     std::memcpy(ptr, buffer_ + begin_, take);
     begin_ += take;
     return static_cast<ssize_t>(take);
@@ -1571,9 +1588,25 @@ class SocketStream final : public httplib::Stream {
   std::size_t buffered() const { return end_ - begin_; }
   void set_muted(bool muted) { muted_ = muted; }
   // Starts the clock on a request: all of it must arrive within read_timeout.
-  void begin_request() { deadline_ = Clock::now() + read_timeout_; }
+  void begin_request() {
+    deadline_ = Clock::now() + read_timeout_;
+    in_head_ = true;
+    head_bytes_ = 0;
+    head_end_ = 0;
+    last_ = 0;
+  }
+  // A read timed out or the request head was too long: what is left on the
+  // connection cannot be told from a next request, so it must close.
+  bool failed() const { return failed_; }
 
  private:
+  static constexpr std::size_t kMaxHeadBytes = 16 * 1024;  // request line + headers
+
+  ssize_t fail() {
+    failed_ = true;
+    return -1;
+  }
+
   std::chrono::milliseconds read_budget() const {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now());
     return std::max(std::chrono::milliseconds(0), std::min(left, read_timeout_));
@@ -1614,6 +1647,10 @@ class SocketStream final : public httplib::Stream {
   std::size_t begin_ = 0, end_ = 0;
   bool muted_ = false;
   Clock::time_point deadline_ = Clock::now();
+  bool in_head_ = false, failed_ = false;
+  std::size_t head_bytes_ = 0;
+  int head_end_ = 0;  // CR/LF characters in a row, to find the blank line
+  char last_ = 0;
 };
 
 // Holds one of max_streams slots until the chat request's generator returns.
@@ -1809,7 +1846,10 @@ inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
     conn.close_announced = core->stopping || served + 1 == kMaxRequestsPerConnection;
     bool client_closes = false;
     const bool ok = process_request(stream, conn.close_announced, client_closes, nullptr);
-    if (conn.chat || !ok || client_closes || conn.close_announced || conn.close_after) break;
+    if (conn.chat || !ok || client_closes || conn.close_announced || conn.close_after ||
+        stream.failed()) {
+      break;
+    }
   }
   t_connection = nullptr;
   stream.set_muted(false);
