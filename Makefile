@@ -4,12 +4,16 @@
 #   make run        build/agentsmithy-server --workdir . (port 8765; Ctrl+C drains)
 #   make test       build, run the doctest suite and tests/shutdown_simple.sh
 #   make cxx20      build everything as C++20 into build/cxx20/
+#   make test-asan  the same tests built with AddressSanitizer + UBSan (build/asan/)
+#   make test-tsan  the same tests built with ThreadSanitizer (build/tsan/)
+#   make fuzz       each libFuzzer target in tests/fuzz/ for 60 s (fuzz-ci: 20 s)
 #   make bench      bash bench/run.sh
 #   make format     clang-format -i the sources
 #   make clean      rm -rf build
 #
 # `make`, `make run` and `make test` first install the Debian packages they
 # need (apt-get, with sudo when not root) if any is missing; SKIP_DEPS=1 skips.
+# The sanitizer and fuzz targets also install clang 14 and its runtimes.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := all
@@ -47,9 +51,10 @@ TESTS  := $(BUILD)/agentsmithy-tests
 TEST_SOURCES := $(sort $(wildcard tests/*.cpp))
 TEST_OBJECTS := $(TEST_SOURCES:%.cpp=$(BUILD)/obj/%.o)
 FORMAT_SOURCES := $(wildcard agentsmithy.hpp examples/*.cpp tests/*.cpp tests/*.hpp \
-                             bench/*.cpp bench/*.hpp)
+                             tests/fuzz/*.cpp tests/fuzz/*.hpp bench/*.cpp bench/*.hpp)
 
-.PHONY: all run test cxx20 bench format format-check clean deps
+.PHONY: all run test cxx20 bench format format-check clean deps deps-san \
+        test-asan test-tsan fuzz fuzz-ci
 
 all: $(SERVER) $(EMBED) $(TESTS)
 
@@ -72,22 +77,27 @@ $(TESTS): $(TEST_OBJECTS) agentsmithy.hpp | deps
 
 -include $(wildcard $(BUILD)/*.d $(BUILD)/obj/tests/*.d)
 
+# $(call install_missing,PACKAGES): apt-get installs those not installed yet.
+define install_missing
+if [ -z "$(SKIP_DEPS)" ] && command -v dpkg >/dev/null 2>&1; then \
+  missing=; \
+  for p in $(1); do \
+    dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+  done; \
+  if [ -n "$$missing" ]; then \
+    echo "Installing missing packages:$$missing"; \
+    sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+    $$sudo apt-get update && \
+    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+      || { echo "error: could not install$$missing" >&2; exit 1; }; \
+  fi; \
+fi
+endef
+
 # Installs the missing Debian packages; then checks that pkg-config finds
 # cpp-httplib (its cflags select the library's ABI: OpenSSL, zlib, brotli).
 deps:
-	@if [ -z "$(SKIP_DEPS)" ] && command -v dpkg >/dev/null 2>&1; then \
-	  missing=; \
-	  for p in $(PACKAGES); do \
-	    dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
-	  done; \
-	  if [ -n "$$missing" ]; then \
-	    echo "Installing missing packages:$$missing"; \
-	    sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	    $$sudo apt-get update && \
-	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
-	      || { echo "error: could not install$$missing" >&2; exit 1; }; \
-	  fi; \
-	fi
+	@$(call install_missing,$(PACKAGES))
 	@pkg-config --exists cpp-httplib || \
 	  { echo "error: pkg-config cannot find cpp-httplib (apt-get install libcpp-httplib-dev)" >&2; exit 1; }
 
@@ -96,32 +106,155 @@ run: $(SERVER)
 	@$(SERVER) --workdir . $(RUN_ARGS); status=$$?; \
 	  echo "agentsmithy-server exited with status $$status"; exit $$status
 
+# $(call run_suite,LABEL,TESTS,SERVER,ENV,TIMEOUT_FACTOR): runs the doctest
+# binary TESTS, then the shell test against SERVER, whatever the first gives,
+# with the environment assignments ENV, and ends with
+# "LABEL: N passed, M failed" (doctest test cases + the shell test).
+define run_suite
+passed=0; failed=0; log=$(2).log; \
+env $(4) AGENTSMITHY_SERVER=$(3) timeout --foreground -k 10 $$(($(TEST_TIMEOUT) * $(5))) \
+  $(2) $(TEST_ARGS) 2>&1 | tee $$log; status=$${PIPESTATUS[0]}; \
+summary=$$(sed 's/\x1b\[[0-9;]*m//g' $$log | grep '^\[doctest\] test cases:' | tail -n 1); \
+if [ -n "$$summary" ]; then \
+  passed=$$(awk -F'|' '{ print $$2 + 0 }' <<<"$$summary"); \
+  failed=$$(awk -F'|' '{ print $$3 + 0 }' <<<"$$summary"); \
+fi; \
+if [ "$$status" -ne 0 ] && [ "$$failed" -eq 0 ]; then \
+  echo "$(2) exited with status $$status"; failed=1; \
+fi; \
+echo "--- tests/shutdown_simple.sh"; \
+if env $(4) AGENTSMITHY_SERVER=$(3) timeout --foreground -k 10 $$(($(SCRIPT_TIMEOUT) * $(5))) \
+     bash tests/shutdown_simple.sh; then \
+  passed=$$((passed + 1)); \
+else \
+  echo "tests/shutdown_simple.sh failed (status $$?)"; failed=$$((failed + 1)); \
+fi; \
+echo "$(1): $$passed passed, $$failed failed"; \
+[ "$$failed" -eq 0 ]
+endef
+
 # Runs the doctest suite, then the shell test, whatever the first gives, and
 # ends with "tests: N passed, M failed" (doctest test cases + the shell test).
 test: all
-	@passed=0; failed=0; log=$(BUILD)/agentsmithy-tests.log; \
-	AGENTSMITHY_SERVER=$(SERVER) timeout --foreground -k 10 $(TEST_TIMEOUT) \
-	  $(TESTS) $(TEST_ARGS) 2>&1 | tee $$log; status=$${PIPESTATUS[0]}; \
-	summary=$$(sed 's/\x1b\[[0-9;]*m//g' $$log | grep '^\[doctest\] test cases:' | tail -n 1); \
-	if [ -n "$$summary" ]; then \
-	  passed=$$(awk -F'|' '{ print $$2 + 0 }' <<<"$$summary"); \
-	  failed=$$(awk -F'|' '{ print $$3 + 0 }' <<<"$$summary"); \
-	fi; \
-	if [ "$$status" -ne 0 ] && [ "$$failed" -eq 0 ]; then \
-	  echo "$(TESTS) exited with status $$status"; failed=1; \
-	fi; \
-	echo "--- tests/shutdown_simple.sh"; \
-	if AGENTSMITHY_SERVER=$(SERVER) timeout --foreground -k 10 $(SCRIPT_TIMEOUT) \
-	     bash tests/shutdown_simple.sh; then \
-	  passed=$$((passed + 1)); \
-	else \
-	  echo "tests/shutdown_simple.sh failed (status $$?)"; failed=$$((failed + 1)); \
-	fi; \
-	echo "tests: $$passed passed, $$failed failed"; \
-	[ "$$failed" -eq 0 ]
+	@$(call run_suite,tests,$(TESTS),$(SERVER),,1)
 
 cxx20:
 	@$(MAKE) --no-print-directory BUILD=$(BUILD)/cxx20 STD=-std=c++20 all
+
+# ---------------------------------------------------------------------------
+# Sanitizers: the test binary and the example server (which the shell test
+# drives) rebuilt with clang 14, -O1, into build/asan/ and build/tsan/, then
+# the whole suite run as `make test` runs it. Any report fails the run.
+# Warnings are shown but not fatal here: `make` already enforces -Werror.
+# A test can tell it is sanitized with __has_feature(address_sanitizer) or
+# __has_feature(thread_sanitizer) (clang 14 defines no __SANITIZE_*__ macro).
+# ---------------------------------------------------------------------------
+SAN_PACKAGES  := clang libclang-rt-14-dev llvm
+TSAN_PACKAGES := dpkg-dev python3 xz-utils
+SAN_CXX    ?= clang++
+SAN_CFLAGS ?= -O1 -g -fno-omit-frame-pointer
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all
+TSAN_FLAGS := -fsanitize=thread
+SAN_WARNINGS := -Wall -Wextra -Wpedantic
+# Sanitized runs are slower: their time limits are this many times make test's.
+SAN_TIMEOUT_FACTOR ?= 3
+ASAN_DIR := $(BUILD)/asan
+TSAN_DIR := $(BUILD)/tsan
+ASAN_ENV := ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:detect_stack_use_after_return=1:strict_init_order=1 \
+            UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+            LSAN_OPTIONS=report_objects=1
+TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:history_size=4 \
+            UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# ThreadSanitizer needs every library that synchronises our threads to be
+# instrumented. cpp-httplib is: tests/tsan/build-cpp-httplib.sh rebuilds the
+# installed version from Debian's source package with -fsanitize=thread into
+# $(TSAN_HTTPLIB) (the header split off that source, and a static library), and
+# the TSan binaries use those instead of /usr/include/httplib.h and
+# libcpp-httplib.so. OpenSSL, zlib and brotli stay uninstrumented: the server
+# never calls them.
+TSAN_HTTPLIB := $(TSAN_DIR)/cpp-httplib
+TSAN_HTTPLIB_LIB := $(TSAN_HTTPLIB)/libcpp-httplib.a
+
+deps-san: deps
+	@$(call install_missing,$(SAN_PACKAGES))
+
+$(TSAN_HTTPLIB_LIB): tests/tsan/build-cpp-httplib.sh | deps-san
+	@$(call install_missing,$(TSAN_PACKAGES))
+	bash tests/tsan/build-cpp-httplib.sh $(TSAN_HTTPLIB) $(SAN_CXX) "$(SAN_CFLAGS) $(TSAN_FLAGS)"
+
+test-asan: deps-san
+	@$(MAKE) --no-print-directory BUILD=$(ASAN_DIR) CXX=$(SAN_CXX) \
+	  CXXFLAGS="$(SAN_CFLAGS) $(ASAN_FLAGS)" WARNINGS="$(SAN_WARNINGS)" \
+	  $(ASAN_DIR)/agentsmithy-tests $(ASAN_DIR)/agentsmithy-server
+	@$(call run_suite,asan,$(ASAN_DIR)/agentsmithy-tests,$(ASAN_DIR)/agentsmithy-server,$(ASAN_ENV),$(SAN_TIMEOUT_FACTOR))
+
+test-tsan: $(TSAN_HTTPLIB_LIB) | deps-san
+	@$(MAKE) --no-print-directory BUILD=$(TSAN_DIR) CXX=$(SAN_CXX) \
+	  CXXFLAGS="$(SAN_CFLAGS) $(TSAN_FLAGS)" WARNINGS="$(SAN_WARNINGS)" \
+	  HTTPLIB_CFLAGS="-I$(TSAN_HTTPLIB)/include $$(pkg-config --cflags cpp-httplib)" \
+	  HTTPLIB_LIBS="$(TSAN_HTTPLIB_LIB) $$(pkg-config --libs openssl zlib libbrotlidec libbrotlienc)" \
+	  $(TSAN_DIR)/agentsmithy-tests $(TSAN_DIR)/agentsmithy-server
+	@$(call run_suite,tsan,$(TSAN_DIR)/agentsmithy-tests,$(TSAN_DIR)/agentsmithy-server,$(TSAN_ENV),$(SAN_TIMEOUT_FACTOR))
+
+# ---------------------------------------------------------------------------
+# Fuzzing: libFuzzer targets tests/fuzz/fuzz_*.cpp (clang 14, with ASan and
+# UBSan), each run for FUZZ_SECONDS on its seed corpus
+# tests/fuzz/corpus_<target>/ (read only: what the fuzzer finds goes to
+# build/fuzz/corpus/<target>/). A crash leaves its input in build/fuzz/ and
+# fails the run; each one found becomes a case in
+# tests/test_fuzz_regressions.cpp.
+# ---------------------------------------------------------------------------
+FUZZ_SECONDS ?= 60
+FUZZ_DIR     := $(BUILD)/fuzz
+FUZZ_FLAGS   := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_OPTIONS ?= -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.cpp,%,$(sort $(wildcard tests/fuzz/fuzz_*.cpp)))
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/%)
+
+$(FUZZ_BINS): $(FUZZ_DIR)/%: tests/fuzz/%.cpp tests/fuzz/fuzz_check.hpp agentsmithy.hpp | deps-san
+	@mkdir -p $(@D)
+	$(SAN_CXX) $(STD) $(SAN_CFLAGS) $(FUZZ_FLAGS) $(SAN_WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) \
+	  -MMD -MP -MF $@.d $< -o $@ $(LINK)
+
+-include $(wildcard $(FUZZ_DIR)/*.d)
+
+# One target per fuzzer, so that they run side by side under make -j; each
+# prints its last lines (all of its log on a crash) and the run's verdict.
+FUZZ_RUNS := $(FUZZ_TARGETS:%=fuzz-run-%)
+.PHONY: $(FUZZ_RUNS)
+$(FUZZ_RUNS): fuzz-run-%: $(FUZZ_DIR)/%
+	@mkdir -p $(FUZZ_DIR)/corpus/$* $(FUZZ_DIR)/artifacts
+	@rm -f $(FUZZ_DIR)/artifacts/$*-*
+	@log=$(FUZZ_DIR)/$*.log; dict=; \
+	[ -f tests/fuzz/$*.dict ] && dict=-dict=tests/fuzz/$*.dict; \
+	echo "--- $*: fuzzing for $(FUZZ_SECONDS) s (log: $$log)"; \
+	if $(FUZZ_DIR)/$* $(FUZZ_OPTIONS) $$dict -max_total_time=$(FUZZ_SECONDS) \
+	     -artifact_prefix=$(FUZZ_DIR)/artifacts/$*- \
+	     $(FUZZ_DIR)/corpus/$* tests/fuzz/corpus_$* >$$log 2>&1; then \
+	  echo "$*: PASS: $$(grep -E '^Done [0-9]+ runs' $$log | tail -n 1)" \
+	    "($$(grep -E '^#[0-9]+.*DONE' $$log | tail -n 1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [^ ]+'))"; \
+	else \
+	  status=$$?; grep -v -E '^#[0-9]+|^\s+NEW_FUNC' $$log | tail -n 60; \
+	  echo "$*: FAIL (status $$status); crash input in $(FUZZ_DIR)/artifacts/:"; \
+	  ls -1 $(FUZZ_DIR)/artifacts/ | grep "^$*-" | sed 's/^/  /'; \
+	  echo "  replay: $(FUZZ_DIR)/$* $(FUZZ_DIR)/artifacts/<file>"; \
+	  touch $(FUZZ_DIR)/$*.failed; \
+	fi
+
+# Runs every fuzzer for FUZZ_SECONDS and ends with "fuzz: N passed, M failed".
+fuzz:
+	@rm -f $(FUZZ_DIR)/*.failed
+	@total=$(words $(FUZZ_TARGETS)); \
+	if $(MAKE) --no-print-directory $(FUZZ_RUNS); then \
+	  failed=$$(ls $(FUZZ_DIR)/*.failed 2>/dev/null | wc -l); \
+	else \
+	  echo "error: building the fuzz targets failed"; failed=$$total; \
+	fi; \
+	echo "fuzz: $$((total - failed)) passed, $$failed failed"; \
+	[ "$$failed" -eq 0 ]
+
+fuzz-ci:
+	@$(MAKE) --no-print-directory FUZZ_SECONDS=20 fuzz
 
 bench: $(SERVER)
 	AGENTSMITHY_SERVER=$(abspath $(SERVER)) bash bench/run.sh
