@@ -9,6 +9,7 @@
 // signal during the drain), 1 when the server cannot start, 2 for bad usage.
 #include "agentsmithy.hpp"
 
+#include <signal.h>
 #include <sys/stat.h>
 
 #include <cctype>
@@ -45,6 +46,10 @@ options:
   --log-level LEVEL         debug|info|warning|error (LOG_LEVEL, default info)
   --log-format FORMAT       pretty|json (LOG_FORMAT, default pretty)
   --help                    show this help and exit
+
+environment:
+  AGENTSMITHY_TOKEN         when set, /api/* requires "Authorization: Bearer <token>"
+                            (401 otherwise); /health stays open
 
 DIR/.env holds KEY=VALUE lines (# comments, optional quotes, optional
 `export `); it never overrides a variable already in the environment.
@@ -242,6 +247,15 @@ std::optional<std::pair<std::string, std::string>> setting(const std::optional<s
 }  // namespace
 
 int main(int argc, char** argv) {
+  // SIGINT and SIGTERM wait until the hook is installed: one that arrives
+  // while the server starts then shuts it down cleanly (exit 0) instead of
+  // killing it. Unblocking also delivers one that was pending at exec.
+  sigset_t shutdown_signals;
+  sigemptyset(&shutdown_signals);
+  sigaddset(&shutdown_signals, SIGINT);
+  sigaddset(&shutdown_signals, SIGTERM);
+  ::pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
+
   const Flags flags = parse_flags(argc, argv);
 
   if (!flags.workdir) fail(1, "--workdir DIR is required (e.g. --workdir .)");
@@ -269,17 +283,23 @@ int main(int argc, char** argv) {
   if (auto format = setting(flags.log_format, "--log-format", "LOG_FORMAT")) {
     json_logs = parse_json_format(format->first, format->second);
   }
+  // A secret: only from the environment or .env, never a flag (ps shows flags).
+  if (const char* token = std::getenv("AGENTSMITHY_TOKEN"); token && *token) {
+    options.auth_token = token;
+  }
   options.logger = make_logger(json_logs);
   if (options.log_level <= agentsmithy::LogLevel::info) {
     options.logger(agentsmithy::LogLevel::info,
                    "agentsmithy-server starting: workdir " + options.workdir + ", grace period " +
                        std::to_string(options.grace_period.count()) + " ms, max streams " +
-                       std::to_string(options.max_streams));
+                       std::to_string(options.max_streams) +
+                       (options.auth_token.empty() ? "" : ", bearer token required for /api/*"));
   }
 
   try {
     agentsmithy::Server server(options);  // serves the built-in demo generator
     auto hook = agentsmithy::install_signal_handlers(server);
+    ::pthread_sigmask(SIG_UNBLOCK, &shutdown_signals, nullptr);
     if (!server.listen()) return 1;  // the library has logged why (port taken, ...)
     return hook.forced() ? 130 : 0;
   } catch (const std::exception& e) {
