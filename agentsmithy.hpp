@@ -24,6 +24,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -1467,6 +1468,23 @@ struct Core {
   std::mutex generator_mu;
   Generator generator;
 
+  // Threads inside a user generator, by kernel thread id.
+  std::mutex generator_threads_mu;
+  std::unordered_set<pid_t> generator_threads;
+
+  // Once the shutdown starts, generators only have to notice it and return;
+  // thousands of them, runnable on an overloaded machine, would otherwise
+  // share the CPU equally with the one thread writing every stream's final
+  // events and enforcing the grace period. Unprivileged threads may lower
+  // their own scheduling class, not raise it back: these threads serve no
+  // more requests of this Server anyway.
+  std::size_t demote_generator_threads() {
+    std::lock_guard<std::mutex> lock(generator_threads_mu);
+    const sched_param idle{0};
+    for (const pid_t tid : generator_threads) ::sched_setscheduler(tid, SCHED_IDLE, &idle);
+    return generator_threads.size();
+  }
+
   std::mutex connections_mu;
   std::unordered_set<int> connection_fds;
   bool connections_closing = false;
@@ -1969,6 +1987,11 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
 inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const ChatJob& job,
                                                               const std::shared_ptr<Channel>& ch) {
   StreamWriter writer(ch, core.hub);
+  const pid_t tid = ::gettid();
+  {
+    std::lock_guard<std::mutex> lock(core.generator_threads_mu);
+    core.generator_threads.insert(tid);
+  }
   std::optional<std::string> error;
   try {
     if (job.generator) {
@@ -1980,6 +2003,10 @@ inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const 
     error = e.what();
   } catch (...) {
     error = "generator failed with an unknown exception";
+  }
+  {
+    std::lock_guard<std::mutex> lock(core.generator_threads_mu);
+    core.generator_threads.erase(tid);
   }
   if (error) core.log(LogLevel::warning, "dialog " + ch->dialog_id + ": generator threw: " + *error);
   core.hub.finish(*ch, error);
@@ -2159,6 +2186,7 @@ inline bool Server::listen() {
     core->cv.wait(lock, [&] { return core->stopping.load(); });
   }
   const auto started = detail::Clock::now();
+  core->demote_generator_threads();
   const std::size_t notified = core->hub.end_all_for_shutdown();
   core->log(LogLevel::info, std::to_string(notified) + " streams notified");
   bool drained;

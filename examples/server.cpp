@@ -43,6 +43,9 @@ options:
   --port PORT               port, 0 for any free  (SERVER_PORT, default 8765)
   --grace-period SECONDS    drain limit at shutdown, may be fractional (default 5)
   --max-streams N           concurrent chat requests before 503 (default 256)
+  --generator hub|thread    hub: the built-in demo, stepped by the stream hub
+                            (default); thread: the same demo as a user generator,
+                            one thread per stream, as your own generator runs
   --log-level LEVEL         debug|info|warning|error (LOG_LEVEL, default info)
   --log-format FORMAT       pretty|json (LOG_FORMAT, default pretty)
   --help                    show this help and exit
@@ -195,7 +198,7 @@ agentsmithy::Logger make_logger(bool json) {
 
 struct Flags {
   std::optional<std::string> workdir, host, port, grace_period, max_streams;
-  std::optional<std::string> log_level, log_format;
+  std::optional<std::string> log_level, log_format, generator;
 };
 
 Flags parse_flags(int argc, char** argv) {
@@ -218,7 +221,8 @@ Flags parse_flags(int argc, char** argv) {
         {"--grace-period", &flags.grace_period},
         {"--max-streams", &flags.max_streams},
         {"--log-level", &flags.log_level},
-        {"--log-format", &flags.log_format}};
+        {"--log-format", &flags.log_format},
+        {"--generator", &flags.generator}};
     std::optional<std::string>* slot = nullptr;
     for (const auto& [flag, target] : known) {
       if (name == flag) slot = target;
@@ -298,6 +302,11 @@ int main(int argc, char** argv) {
 
   try {
     agentsmithy::Server server(options);  // serves the built-in demo generator
+    if (flags.generator && *flags.generator == "thread") {
+      server.chat_service().set_generator(agentsmithy::demo_generator);
+    } else if (flags.generator && *flags.generator != "hub") {
+      fail(2, "--generator: '" + *flags.generator + "' is not hub or thread");
+    }
     auto hook = agentsmithy::install_signal_handlers(server);
     ::pthread_sigmask(SIG_UNBLOCK, &shutdown_signals, nullptr);
     if (!server.listen()) return 1;  // the library has logged why (port taken, ...)
