@@ -395,9 +395,12 @@ inline std::size_t json_nesting_depth(std::string_view text) {
   bool in_string = false, escaped = false;
   for (const char c : text) {
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
     } else if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {
@@ -414,8 +417,8 @@ inline constexpr std::size_t kMaxJsonDepth = 64;
 // Fills `out` from a POST /api/chat body, or says what is wrong with it.
 inline std::optional<HttpError> parse_chat_request(std::string_view body, ChatRequest& out) {
   if (json_nesting_depth(body) > kMaxJsonDepth) {
-    return HttpError{400, "Invalid JSON: nested deeper than " + std::to_string(kMaxJsonDepth) +
-                              " levels"};
+    return HttpError{
+        400, "Invalid JSON: nested deeper than " + std::to_string(kMaxJsonDepth) + " levels"};
   }
   // The parser would stop at a NUL and ignore whatever follows it.
   if (body.find('\0') != std::string_view::npos) {
@@ -536,8 +539,8 @@ inline std::vector<std::string> split_words(const std::string& text) {
 }
 
 // context.demo.<field> as an integer in [low, high], or `fallback` when absent.
-inline long long demo_setting(const json& context, const char* field, long long low,
-                              long long high, long long fallback) {
+inline long long demo_setting(const json& context, const char* field, long long low, long long high,
+                              long long fallback) {
   const auto demo = context.find("demo");
   if (demo == context.end() || !demo->is_object()) return fallback;
   const auto value = demo->find(field);
@@ -607,9 +610,7 @@ class DemoScript {
 
  private:
   static constexpr std::size_t kWordsPerChunk = 3;
-  const std::vector<std::string>& words() const {
-    return reply_.empty() ? story_words() : reply_;
-  }
+  const std::vector<std::string>& words() const { return reply_.empty() ? story_words() : reply_; }
 
   const long long tokens_;
   const std::chrono::milliseconds interval_;
@@ -644,8 +645,8 @@ struct Channel {
   int fd;                      // -1 once closed (sse only)
   std::string pending;         // framed bytes the socket has not taken yet
   std::size_t pending_sent = 0;
-  bool ended = false;      // `done` is queued: nothing more is added
-  bool closed = false;     // socket closed, channel gone from the hub
+  bool ended = false;   // `done` is queued: nothing more is added
+  bool closed = false;  // socket closed, channel gone from the hub
   bool watching_out = false;
   bool ended_by_shutdown = false;
   Clock::time_point last_write = Clock::now();
@@ -712,8 +713,8 @@ class StreamHub {
   void tick();
   void schedule(std::shared_ptr<Channel> ch, Clock::time_point due);
   void run_due_scripts();
-  std::optional<Clock::time_point> step(const std::shared_ptr<Channel>& ch,
-                                        Clock::time_point due, Clock::time_point now);
+  std::optional<Clock::time_point> step(const std::shared_ptr<Channel>& ch, Clock::time_point due,
+                                        Clock::time_point now);
   void on_socket_event(Channel& ch, std::uint32_t events);
 
   void append_locked(Channel& ch, std::string_view bytes);
@@ -777,8 +778,7 @@ inline void StreamHub::stop() {
   thread_.join();
 }
 
-inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch,
-                                               std::string_view head) {
+inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch, std::string_view head) {
   if (ch->kind == ChannelKind::sse) {
     // Before the channel is shared: once it is, only `mu` guards the fd.
     epoll_event ev{};
@@ -1363,8 +1363,7 @@ class WorkerPool final : public httplib::TaskQueue {
 // Threads that may outlive the Server object (a generator that ignores
 // cancellation) hold a shared_ptr to this, so nothing they touch is freed.
 struct Core {
-  explicit Core(Options opts)
-      : options(std::move(opts)), hub(options, [this] { changed(); }) {
+  explicit Core(Options opts) : options(std::move(opts)), hub(options, [this] { changed(); }) {
     wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd < 0) throw std::system_error(errno, std::generic_category());
   }
@@ -1461,8 +1460,8 @@ struct Core {
 
   mutable std::mutex mu;
   std::condition_variable cv;
-  State state = State::idle;  // guarded by mu
-  bool listen_called = false;  // guarded by mu
+  State state = State::idle;                 // guarded by mu
+  bool listen_called = false;                // guarded by mu
   std::vector<std::function<void()>> hooks;  // guarded by mu
 
   std::mutex generator_mu;
@@ -1626,7 +1625,8 @@ class SocketStream final : public httplib::Stream {
   }
 
   std::chrono::milliseconds read_budget() const {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now());
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now());
     return std::max(std::chrono::milliseconds(0), std::min(left, read_timeout_));
   }
 
@@ -1764,8 +1764,8 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
     return new WorkerPool(max_threads, std::chrono::milliseconds(2000));
   };
   const std::size_t max_body = o.max_body_bytes;
-  set_error_handler(Server::HandlerWithResponse(
-      [max_body](const httplib::Request& req, httplib::Response& res) {
+  set_error_handler(
+      Server::HandlerWithResponse([max_body](const httplib::Request& req, httplib::Response& res) {
         if (!res.body.empty()) return HandlerResponse::Unhandled;
         std::string message;
         switch (res.status) {
@@ -1791,18 +1791,17 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
       res.set_header("Vary", "Origin");
     }
   });
-  Post("/api/chat", [this](const httplib::Request& req, httplib::Response& res) {
-    handle_chat(req, res);
-  });
-  Get("/health", [this](const httplib::Request& req, httplib::Response& res) {
-    handle_health(req, res);
-  });
+  Post("/api/chat",
+       [this](const httplib::Request& req, httplib::Response& res) { handle_chat(req, res); });
+  Get("/health",
+      [this](const httplib::Request& req, httplib::Response& res) { handle_health(req, res); });
 }
 
 inline int HttpFrontend::bind(std::string& why) {
   const agentsmithy::Options& o = core_->options;
   errno = 0;
-  const int port = o.port == 0 ? bind_to_any_port(o.host) : (bind_to_port(o.host, o.port) ? o.port : -1);
+  const int port =
+      o.port == 0 ? bind_to_any_port(o.host) : (bind_to_port(o.host, o.port) ? o.port : -1);
   if (port < 0) {
     why = errno != 0 ? std::strerror(errno) : "address not available";
     return -1;
@@ -1916,8 +1915,9 @@ inline httplib::Server::HandlerResponse HttpFrontend::guard(const httplib::Reque
   };
   if (is_loopback_host(o.host) && req.has_header("Host") &&
       !is_loopback_host_header(req.get_header_value("Host"), core_->port)) {
-    return reject(403, "Host not allowed: a server bound to loopback answers only localhost, "
-                       "127.0.0.1 or [::1]");
+    return reject(403,
+                  "Host not allowed: a server bound to loopback answers only localhost, "
+                  "127.0.0.1 or [::1]");
   }
   if (req.method == "OPTIONS") {  // CORS preflight: no credentials are sent with it
     if (req.has_header("Origin") && !allowed_origin(req)) {
@@ -2008,7 +2008,8 @@ inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const 
     std::lock_guard<std::mutex> lock(core.generator_threads_mu);
     core.generator_threads.erase(tid);
   }
-  if (error) core.log(LogLevel::warning, "dialog " + ch->dialog_id + ": generator threw: " + *error);
+  if (error)
+    core.log(LogLevel::warning, "dialog " + ch->dialog_id + ": generator threw: " + *error);
   core.hub.finish(*ch, error);
   return error;
 }
@@ -2027,7 +2028,8 @@ inline void HttpFrontend::run_stream(Core& core, int fd, ChatJob job) {
       core.hub.finish(*ch, std::string(e.what()));
       return;
     }
-    core.hub.run_script(ch, std::move(script), std::make_shared<Admission>(std::move(job.admission)));
+    core.hub.run_script(ch, std::move(script),
+                        std::make_shared<Admission>(std::move(job.admission)));
     return;
   }
   run_generator(core, job, ch);
@@ -2052,10 +2054,10 @@ inline void HttpFrontend::run_collect(Core& core, SocketStream& stream, ChatJob 
                             {"metadata", {{"dialog_id", ch->dialog_id}, {"events", ch->events}}}});
     }
   }
-  std::string response = "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
-                         "\r\nContent-Type: application/json\r\nContent-Length: " +
-                         std::to_string(body.size()) + "\r\nConnection: close\r\n" +
-                         job.extra_headers;
+  std::string response =
+      "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
+      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+      "\r\nConnection: close\r\n" + job.extra_headers;
   if (status == 503) response += "Retry-After: 1\r\n";
   response += "\r\n" + body;
   stream.write(response.data(), response.size());
@@ -2078,9 +2080,7 @@ inline bool StreamWriter::chat(std::string_view text) {
 
 inline bool StreamWriter::cancelled() const { return channel_->cancelled.load(); }
 
-inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) {
-  return hub_.wait(*channel_, d);
-}
+inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) { return hub_.wait(*channel_, d); }
 
 inline const std::string& StreamWriter::dialog_id() const { return channel_->dialog_id; }
 
@@ -2114,9 +2114,8 @@ inline Server::~Server() {
   lock.unlock();
   core_->request_shutdown();
   lock.lock();
-  core_->cv.wait(lock, [&] {
-    return core_->state == State::failed || core_->state == State::stopped;
-  });
+  core_->cv.wait(lock,
+                 [&] { return core_->state == State::failed || core_->state == State::stopped; });
 }
 
 inline const Options& Server::options() const { return core_->options; }
@@ -2201,11 +2200,11 @@ inline bool Server::listen() {
   } else {
     const std::size_t generators = core->admitted.load();
     const std::size_t closed = core->hub.close_all() + core->shut_down_connections();
-    core->log(LogLevel::warning,
-              std::string(core->forced ? "forced" : "grace period over") + " after " +
-                  std::to_string(detail::elapsed_ms(started)) + " ms: closed " +
-                  std::to_string(closed) + " connections; " + std::to_string(generators) +
-                  " generators still running are left to finish on their own");
+    core->log(LogLevel::warning, std::string(core->forced ? "forced" : "grace period over") +
+                                     " after " + std::to_string(detail::elapsed_ms(started)) +
+                                     " ms: closed " + std::to_string(closed) + " connections; " +
+                                     std::to_string(generators) +
+                                     " generators still running are left to finish on their own");
   }
   http.stop_accepting();
   acceptor.join();
@@ -2274,7 +2273,8 @@ inline void on_signal(int signo) {
   if (fd >= 0) {
     timespec ts{};
     ::clock_gettime(CLOCK_MONOTONIC, &ts);
-    const SignalRecord record{signo, static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec};
+    const SignalRecord record{signo,
+                              static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec};
     const ssize_t w = ::write(fd, &record, sizeof record);
     (void)w;
   }
@@ -2357,7 +2357,8 @@ inline SignalHook install_signal_handlers(Server& server) {
   auto state = std::make_unique<SignalHook::State>();
   state->core = server.core_;
   int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe2");
+  if (::pipe2(fds, O_CLOEXEC) != 0)
+    throw std::system_error(errno, std::generic_category(), "pipe2");
   state->pipe_read = fds[0];
   state->pipe_write = fds[1];
   // The handler must never block, even if the watcher falls behind.
@@ -2385,6 +2386,5 @@ inline SignalHook install_signal_handlers(Server& server) {
   state->watcher = std::thread([raw] { SignalHook::watch(*raw); });
   return SignalHook(std::move(state));
 }
-
 
 }  // namespace agentsmithy

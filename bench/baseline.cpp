@@ -37,11 +37,11 @@ namespace {
 
 using nlohmann::json;
 
-const char* const kWords[] = {
-    "Once",  "upon",   "a",     "time,",  "in",     "a",      "quiet",  "valley",
-    "there", "lived",  "an",    "old",    "clock",  "maker",  "who",    "built",
-    "small", "brass",  "birds", "that",   "sang",   "the",    "hours.", "Every",
-    "day",   "people", "came",  "from",   "far",    "away",   "to",     "listen."};
+const char* const kWords[] = {"Once",   "upon",   "a",     "time,",  "in",     "a",     "quiet",
+                              "valley", "there",  "lived", "an",     "old",    "clock", "maker",
+                              "who",    "built",  "small", "brass",  "birds",  "that",  "sang",
+                              "the",    "hours.", "Every", "day",    "people", "came",  "from",
+                              "far",    "away",   "to",    "listen."};
 constexpr std::size_t kWordCount = sizeof(kWords) / sizeof(kWords[0]);
 
 std::string random_dialog_id() {
@@ -94,27 +94,25 @@ void handle_chat(const httplib::Request& req, httplib::Response& res) {
   }
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
-  res.set_chunked_content_provider(
-      "text/event-stream", [st](std::size_t, httplib::DataSink& sink) {
-        std::string ev;
-        if (st->step == 0) {
-          ev = sse({{"type", "chat_start"}, {"dialog_id", st->dialog_id}});
-        } else if (st->step <= st->tokens) {
-          if (st->interval_ms > 0)
-            std::this_thread::sleep_for(std::chrono::milliseconds(st->interval_ms));
-          ev = sse({{"type", "chat"}, {"content", chunk_text(st->step)},
-                    {"dialog_id", st->dialog_id}});
-        } else if (st->step == st->tokens + 1) {
-          ev = sse({{"type", "chat_end"}, {"dialog_id", st->dialog_id}});
-        } else {
-          ev = sse({{"type", "done"}, {"done", true}, {"dialog_id", st->dialog_id}});
-          bool ok = sink.write(ev.data(), ev.size());
-          sink.done();
-          return ok;
-        }
-        ++st->step;
-        return sink.write(ev.data(), ev.size());
-      });
+  res.set_chunked_content_provider("text/event-stream", [st](std::size_t, httplib::DataSink& sink) {
+    std::string ev;
+    if (st->step == 0) {
+      ev = sse({{"type", "chat_start"}, {"dialog_id", st->dialog_id}});
+    } else if (st->step <= st->tokens) {
+      if (st->interval_ms > 0)
+        std::this_thread::sleep_for(std::chrono::milliseconds(st->interval_ms));
+      ev = sse({{"type", "chat"}, {"content", chunk_text(st->step)}, {"dialog_id", st->dialog_id}});
+    } else if (st->step == st->tokens + 1) {
+      ev = sse({{"type", "chat_end"}, {"dialog_id", st->dialog_id}});
+    } else {
+      ev = sse({{"type", "done"}, {"done", true}, {"dialog_id", st->dialog_id}});
+      bool ok = sink.write(ev.data(), ev.size());
+      sink.done();
+      return ok;
+    }
+    ++st->step;
+    return sink.write(ev.data(), ev.size());
+  });
 }
 
 [[noreturn]] void usage(int code) {

@@ -20,10 +20,10 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
-#include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -75,9 +75,7 @@ double percentile(std::vector<double> v, double p) {
   return v[std::min(rank, v.size()) - 1];
 }
 
-void put(const char* key, const std::string& value) {
-  std::printf("%s=%s\n", key, value.c_str());
-}
+void put(const char* key, const std::string& value) { std::printf("%s=%s\n", key, value.c_str()); }
 void put(const char* key, long long value) { std::printf("%s=%lld\n", key, value); }
 void putf(const char* key, double value, int decimals = 2) {
   if (std::isnan(value)) {
@@ -92,25 +90,25 @@ void putf(const char* key, double value, int decimals = 2) {
 // ---------------------------------------------------------------------------
 
 struct Config {
-  std::string scenario;               // shutdown | idle | throughput | capacity
-  int n = 100;                        // connections
-  long tokens = 100000;               // context.demo.tokens
-  long interval_ms = 50;              // context.demo.interval_ms
-  double ready_timeout = 60;          // s: ramp-up bound (all streaming / all answered)
-  double drain_timeout = 15;          // s: signal -> exit bound, then SIGKILL
-  double run_timeout = 60;            // s: throughput bound
-  double start_timeout = 15;          // s: server readiness bound
-  int connect_rate = 5000;            // new connections per second
-  int connect_inflight = 64;          // handshakes in progress at once
-  double connect_timeout = 4;         // s per attempt
-  int connect_attempts = 5;           // per connection
+  std::string scenario;        // shutdown | idle | throughput | capacity
+  int n = 100;                 // connections
+  long tokens = 100000;        // context.demo.tokens
+  long interval_ms = 50;       // context.demo.interval_ms
+  double ready_timeout = 60;   // s: ramp-up bound (all streaming / all answered)
+  double drain_timeout = 15;   // s: signal -> exit bound, then SIGKILL
+  double run_timeout = 60;     // s: throughput bound
+  double start_timeout = 15;   // s: server readiness bound
+  int connect_rate = 5000;     // new connections per second
+  int connect_inflight = 64;   // handshakes in progress at once
+  double connect_timeout = 4;  // s per attempt
+  int connect_attempts = 5;    // per connection
   int sig = SIGTERM;
-  double settle = 1.0;                // s: all streaming -> signal (shutdown)
-  int rt = -1;                        // SCHED_RR if permitted: 1 yes, 0 no, -1 per scenario
-  double coalesce_ms = -1;            // wake at most this often before the signal (-1: per scenario)
-  int nice = 0;                       // this client's nice value (the server keeps 0)
+  double settle = 1.0;      // s: all streaming -> signal (shutdown)
+  int rt = -1;              // SCHED_RR if permitted: 1 yes, 0 no, -1 per scenario
+  double coalesce_ms = -1;  // wake at most this often before the signal (-1: per scenario)
+  int nice = 0;             // this client's nice value (the server keeps 0)
   std::string server_log = "/dev/null";
-  std::string dump;                   // per-client CSV, optional
+  std::string dump;  // per-client CSV, optional
   std::string prompt = "Tell me a story";
   std::vector<std::string> server_argv;
 };
@@ -130,7 +128,7 @@ struct Conn {
   bool chunked = false;
   bool retry_after = false;
   bool got_error = false;
-  bool error_ok = false;       // error text is the shutdown message
+  bool error_ok = false;  // error text is the shutdown message
   bool got_done = false;
   bool dup_done = false;
   bool error_before_done = false;  // the event right before done was the error
@@ -140,27 +138,27 @@ struct Conn {
   bool reset = false;
   bool failed_connect = false;
   int status = 0;
-  char last_type = 0;          // first letter of the last event type seen
+  char last_type = 0;  // first letter of the last event type seen
   uint32_t n_chat = 0;
   uint32_t n_events = 0;
   uint32_t n_after_done = 0;
   uint32_t n_comments = 0;
   uint64_t bytes = 0;
-  int64_t left = 0;            // bytes left in the current chunk / body
-  int64_t t_first_try = 0;     // first connect attempt
-  int64_t t_try = 0;           // current connect attempt
+  int64_t left = 0;         // bytes left in the current chunk / body
+  int64_t t_first_try = 0;  // first connect attempt
+  int64_t t_try = 0;        // current connect attempt
   int64_t t_connected = 0;
-  int64_t t_sent = 0;          // request fully written
-  int64_t t_status = 0;        // status line received
+  int64_t t_sent = 0;    // request fully written
+  int64_t t_status = 0;  // status line received
   int64_t t_first_chat = 0;
   int64_t t_error = 0;
   int64_t t_done = 0;
-  int64_t t_final = 0;         // terminating zero-length chunk (or end of body)
-  int64_t t_eof = 0;           // peer closed
-  int64_t t_retry = 0;         // when to retry
+  int64_t t_final = 0;  // terminating zero-length chunk (or end of body)
+  int64_t t_eof = 0;    // peer closed
+  int64_t t_retry = 0;  // when to retry
   std::size_t out_off = 0;
-  std::string hdr;             // header bytes, chunk-size line, trailer
-  std::string sse;             // partial SSE event
+  std::string hdr;  // header bytes, chunk-size line, trailer
+  std::string sse;  // partial SSE event
 };
 
 bool ended(const Conn& c) { return c.st == St::Closed || c.response_complete; }
@@ -191,7 +189,7 @@ struct ServerProc {
   int64_t t_exit = 0;
   rusage ru{};
   long peak_threads = 0;
-  long peak_hwm_kb = 0;   // VmHWM as sampled (ru_maxrss is the authoritative one)
+  long peak_hwm_kb = 0;  // VmHWM as sampled (ru_maxrss is the authoritative one)
   clockid_t cpu_clock{};
   bool have_cpu_clock = false;
 };
@@ -256,8 +254,10 @@ void sample_status(ServerProc& sp) {
   close(fd);
   if (n <= 0) return;
   buf[n] = 0;
-  if (const char* p = std::strstr(buf, "\nThreads:")) sp.peak_threads = std::max(sp.peak_threads, std::atol(p + 9));
-  if (const char* p = std::strstr(buf, "\nVmHWM:")) sp.peak_hwm_kb = std::max(sp.peak_hwm_kb, std::atol(p + 7));
+  if (const char* p = std::strstr(buf, "\nThreads:"))
+    sp.peak_threads = std::max(sp.peak_threads, std::atol(p + 9));
+  if (const char* p = std::strstr(buf, "\nVmHWM:"))
+    sp.peak_hwm_kb = std::max(sp.peak_hwm_kb, std::atol(p + 7));
 }
 
 void reap(ServerProc& sp, int64_t t) {
@@ -330,7 +330,8 @@ bool health_ok(int port) {
       ssize_t n = recv(fd, buf, sizeof buf - 1, 0);
       if (n >= 12) {
         buf[n] = 0;
-        ok = std::strncmp(buf, "HTTP/1.1 200", 12) == 0 || std::strncmp(buf, "HTTP/1.0 200", 12) == 0;
+        ok = std::strncmp(buf, "HTTP/1.1 200", 12) == 0 ||
+             std::strncmp(buf, "HTTP/1.0 200", 12) == 0;
       }
     }
   }
@@ -347,7 +348,11 @@ constexpr uint64_t kPidTag = ~0ULL;
 class Engine {
  public:
   Engine(const Config& cfg, ServerProc& sp, int port, std::string request)
-      : cfg_(cfg), sp_(sp), port_(port), request_(std::move(request)), conns_(static_cast<std::size_t>(cfg.n)) {
+      : cfg_(cfg),
+        sp_(sp),
+        port_(port),
+        request_(std::move(request)),
+        conns_(static_cast<std::size_t>(cfg.n)) {
     ep_ = epoll_create1(EPOLL_CLOEXEC);
     if (ep_ < 0) die("epoll_create1");
     epoll_event ev{};
@@ -403,7 +408,8 @@ class Engine {
       // the handshakes in flight and throttle the connect rate) and the
       // previous wait drained everything ready (a full batch means more
       // sockets are waiting to be read).
-      const bool ramping = starting_ && (next_ < conns_.size() || connecting_ > 0 || !retries_.empty());
+      const bool ramping =
+          starting_ && (next_ < conns_.size() || connecting_ > 0 || !retries_.empty());
       if (coalesce_ns_ > 0 && !ramping && !last_full_ && t - last_wait_ < coalesce_ns_) {
         timespec ts{0, static_cast<long>(coalesce_ns_ - (t - last_wait_))};
         nanosleep(&ts, nullptr);
@@ -435,7 +441,8 @@ class Engine {
   void start_connections(int64_t t) {
     double elapsed = static_cast<double>(t - last_refill_) / 1e9;
     last_refill_ = t;
-    bucket_ = std::min(bucket_ + elapsed * cfg_.connect_rate, static_cast<double>(cfg_.connect_inflight));
+    bucket_ =
+        std::min(bucket_ + elapsed * cfg_.connect_rate, static_cast<double>(cfg_.connect_inflight));
     if (!starting_) return;
     while (connecting_ < cfg_.connect_inflight && bucket_ >= 1.0) {
       std::size_t idx;
@@ -513,7 +520,8 @@ class Engine {
   void send_more(std::size_t idx, int64_t t) {
     Conn& c = conns_[idx];
     while (c.out_off < request_.size()) {
-      ssize_t n = send(c.fd, request_.data() + c.out_off, request_.size() - c.out_off, MSG_NOSIGNAL);
+      ssize_t n =
+          send(c.fd, request_.data() + c.out_off, request_.size() - c.out_off, MSG_NOSIGNAL);
       if (n > 0) {
         c.out_off += static_cast<std::size_t>(n);
       } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -674,9 +682,7 @@ class Engine {
           if (c.status == 200) sse_feed(c, p, n, t);
           n = 0;
           break;
-        case Bs::None:
-          n = 0;
-          break;
+        case Bs::None: n = 0; break;
       }
     }
   }
@@ -718,12 +724,14 @@ class Engine {
   void headers(Conn& c, int64_t t) {
     std::string_view h(c.hdr);
     c.t_status = t;
-    if (h.size() >= 12 && h.substr(0, 5) == "HTTP/") c.status = std::atoi(std::string(h.substr(9, 3)).c_str());
+    if (h.size() >= 12 && h.substr(0, 5) == "HTTP/")
+      c.status = std::atoi(std::string(h.substr(9, 3)).c_str());
     long long length = -1;
     std::size_t pos = h.find('\n');
     while (pos != std::string_view::npos && pos + 1 < h.size()) {
       std::size_t next = h.find('\n', pos + 1);
-      std::string_view line = h.substr(pos + 1, next == std::string_view::npos ? std::string_view::npos : next - pos - 1);
+      std::string_view line = h.substr(
+          pos + 1, next == std::string_view::npos ? std::string_view::npos : next - pos - 1);
       if (header_is(line, "transfer-encoding")) {
         c.chunked = lower_value(line, 17).find("chunked") != std::string::npos;
       } else if (header_is(line, "content-length")) {
@@ -777,7 +785,8 @@ class Engine {
     std::size_t pos = 0;
     while (pos < block.size()) {
       std::size_t nl = block.find('\n', pos);
-      std::string_view line = block.substr(pos, nl == std::string_view::npos ? std::string_view::npos : nl - pos);
+      std::string_view line =
+          block.substr(pos, nl == std::string_view::npos ? std::string_view::npos : nl - pos);
       pos = nl == std::string_view::npos ? block.size() : nl + 1;
       if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
       if (line.empty()) continue;
@@ -853,8 +862,9 @@ class Engine {
 
 std::string chat_request(const Config& cfg, int port) {
   std::string body = R"({"messages":[{"role":"user","content":")" + cfg.prompt +
-                     R"("}],"stream":true,"context":{"demo":{"tokens":)" + std::to_string(cfg.tokens) +
-                     R"(,"interval_ms":)" + std::to_string(cfg.interval_ms) + "}}}";
+                     R"("}],"stream":true,"context":{"demo":{"tokens":)" +
+                     std::to_string(cfg.tokens) + R"(,"interval_ms":)" +
+                     std::to_string(cfg.interval_ms) + "}}}";
   return "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) +
          "\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: " +
          std::to_string(body.size()) + "\r\n\r\n" + body;
@@ -911,12 +921,14 @@ void dump_csv(const Config& cfg, const std::vector<Conn>& conns, int64_t t0) {
   FILE* f = std::fopen(cfg.dump.c_str(), "w");
   if (!f) return;
   auto rel = [t0](int64_t t) { return t ? ms(t - t0) : NAN; };
-  std::fprintf(f, "idx,attempts,status,t_first_try,t_connected,t_sent,t_status,t_first_chat,n_chat,"
-                  "n_events,t_error,error_ok,t_done,error_before_done,final_chunk,t_final,t_eof,bytes\n");
+  std::fprintf(
+      f,
+      "idx,attempts,status,t_first_try,t_connected,t_sent,t_status,t_first_chat,n_chat,"
+      "n_events,t_error,error_ok,t_done,error_before_done,final_chunk,t_final,t_eof,bytes\n");
   for (std::size_t i = 0; i < conns.size(); ++i) {
     const Conn& c = conns[i];
-    std::fprintf(f, "%zu,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%u,%u,%.3f,%d,%.3f,%d,%d,%.3f,%.3f,%llu\n", i,
-                 c.attempts, c.status, rel(c.t_first_try), rel(c.t_connected), rel(c.t_sent),
+    std::fprintf(f, "%zu,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%u,%u,%.3f,%d,%.3f,%d,%d,%.3f,%.3f,%llu\n",
+                 i, c.attempts, c.status, rel(c.t_first_try), rel(c.t_connected), rel(c.t_sent),
                  rel(c.t_status), rel(c.t_first_chat), c.n_chat, c.n_events, rel(c.t_error),
                  c.error_ok, rel(c.t_done), c.error_before_done, c.final_chunk, rel(c.t_final),
                  rel(c.t_eof), static_cast<unsigned long long>(c.bytes));
@@ -937,7 +949,8 @@ void report_shutdown(const std::vector<Conn>& conns, int64_t t_sig, const Server
   long complete = 0, got_error = 0, got_done = 0, final_chunk = 0, closed = 0;
   std::vector<double> to_done, to_error;
   for (const Conn& c : conns) {
-    if (c.t_first_chat == 0 || (c.t_done && c.t_done < t_sig)) continue;  // not streaming at the signal
+    if (c.t_first_chat == 0 || (c.t_done && c.t_done < t_sig))
+      continue;  // not streaming at the signal
     if (c.got_error && c.error_ok && c.t_error >= t_sig) {
       ++got_error;
       to_error.push_back(ms(c.t_error - t_sig));
@@ -989,8 +1002,10 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
     streaming = 0;
     long finished = 0;
     for (auto& c : conns) {
-      if (c.t_first_chat) ++streaming;
-      else if (c.st == St::Closed || c.response_complete) ++finished;
+      if (c.t_first_chat)
+        ++streaming;
+      else if (c.st == St::Closed || c.response_complete)
+        ++finished;
     }
     return streaming + finished >= cfg.n;
   });
@@ -1018,8 +1033,9 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
     for (auto& c : conns)
       if (c.t_first_chat && !ended(c)) ++live;
     if (live > 0 && cfg.interval_ms > 0)
-      paced_pct = 100.0 * static_cast<double>(chats() - k0) /
-                  (wall * static_cast<double>(live) * 1000.0 / static_cast<double>(cfg.interval_ms));
+      paced_pct =
+          100.0 * static_cast<double>(chats() - k0) /
+          (wall * static_cast<double>(live) * 1000.0 / static_cast<double>(cfg.interval_ms));
   }
   long held = 0, answered_200 = 0, status_503 = 0;
   for (auto& c : conns) {
@@ -1131,7 +1147,8 @@ int run_throughput(const Config& cfg, ServerProc& sp, int port) {
   putf("events_per_s", static_cast<double>(events) / secs_run, 0);
   putf("mb_per_s", static_cast<double>(bytes) / 1e6 / secs_run, 1);
   putf("server_cpu_s", cpu1 - cpu0, 3);
-  putf("cpu_s_per_million_events", events ? (cpu1 - cpu0) / static_cast<double>(events) * 1e6 : NAN, 2);
+  putf("cpu_s_per_million_events", events ? (cpu1 - cpu0) / static_cast<double>(events) * 1e6 : NAN,
+       2);
   putf("client_cpu_s", client1 - client0, 3);
   if (sp.exited) {
     put("error", "server exited during the run");
@@ -1189,7 +1206,9 @@ int run_capacity(const Config& cfg, ServerProc& sp, int port) {
   int64_t t_sig = signal_and_wait(eng, sp, cfg, cpu_at_signal);
   long complete = 0;
   for (auto& c : conns)
-    if (c.t_first_chat && c.got_error && c.error_ok && c.got_done && c.error_before_done && c.final_chunk) ++complete;
+    if (c.t_first_chat && c.got_error && c.error_ok && c.got_done && c.error_before_done &&
+        c.final_chunk)
+      ++complete;
   put("streams_complete_at_shutdown", complete);
   put_server(sp, t_sig);
   dump_csv(cfg, conns, t_sig);
@@ -1202,7 +1221,7 @@ int run_capacity(const Config& cfg, ServerProc& sp, int port) {
 
 [[noreturn]] void usage(int code) {
   std::fputs(
-R"(usage: loadclient SCENARIO [options] -- SERVER_COMMAND [ARGS...]
+      R"(usage: loadclient SCENARIO [options] -- SERVER_COMMAND [ARGS...]
 
 Starts SERVER_COMMAND (every {PORT} in it replaced by a free port), waits for
 GET /health to answer 200, runs the scenario against 127.0.0.1, signals the
@@ -1251,7 +1270,8 @@ options:
   --nice N              this client's nice value; the server keeps 0 (default 0)
   --server-log FILE     server stdout/stderr (default /dev/null)
   --dump FILE           per-client CSV, times in ms from the signal
-)", code ? stderr : stdout);
+)",
+      code ? stderr : stdout);
   std::exit(code);
 }
 
@@ -1269,25 +1289,44 @@ Config parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) usage(1);
     std::string v = argv[++i];
-    if (a == "--n") cfg.n = std::atoi(v.c_str());
-    else if (a == "--tokens") cfg.tokens = std::atol(v.c_str());
-    else if (a == "--interval-ms") cfg.interval_ms = std::atol(v.c_str());
-    else if (a == "--prompt") cfg.prompt = v;
-    else if (a == "--ready-timeout") cfg.ready_timeout = std::atof(v.c_str());
-    else if (a == "--drain-timeout") cfg.drain_timeout = std::atof(v.c_str());
-    else if (a == "--run-timeout") cfg.run_timeout = std::atof(v.c_str());
-    else if (a == "--start-timeout") cfg.start_timeout = std::atof(v.c_str());
-    else if (a == "--connect-rate") cfg.connect_rate = std::atoi(v.c_str());
-    else if (a == "--connect-inflight") cfg.connect_inflight = std::atoi(v.c_str());
-    else if (a == "--connect-timeout") cfg.connect_timeout = std::atof(v.c_str());
-    else if (a == "--connect-attempts") cfg.connect_attempts = std::atoi(v.c_str());
-    else if (a == "--server-log") cfg.server_log = v;
-    else if (a == "--dump") cfg.dump = v;
-    else if (a == "--signal") cfg.sig = v == "INT" ? SIGINT : SIGTERM;
-    else if (a == "--settle") cfg.settle = std::atof(v.c_str());
-    else if (a == "--rt") cfg.rt = v != "0" ? 1 : 0;
-    else if (a == "--nice") cfg.nice = std::atoi(v.c_str());
-    else if (a == "--coalesce-ms") cfg.coalesce_ms = std::atof(v.c_str());
+    if (a == "--n")
+      cfg.n = std::atoi(v.c_str());
+    else if (a == "--tokens")
+      cfg.tokens = std::atol(v.c_str());
+    else if (a == "--interval-ms")
+      cfg.interval_ms = std::atol(v.c_str());
+    else if (a == "--prompt")
+      cfg.prompt = v;
+    else if (a == "--ready-timeout")
+      cfg.ready_timeout = std::atof(v.c_str());
+    else if (a == "--drain-timeout")
+      cfg.drain_timeout = std::atof(v.c_str());
+    else if (a == "--run-timeout")
+      cfg.run_timeout = std::atof(v.c_str());
+    else if (a == "--start-timeout")
+      cfg.start_timeout = std::atof(v.c_str());
+    else if (a == "--connect-rate")
+      cfg.connect_rate = std::atoi(v.c_str());
+    else if (a == "--connect-inflight")
+      cfg.connect_inflight = std::atoi(v.c_str());
+    else if (a == "--connect-timeout")
+      cfg.connect_timeout = std::atof(v.c_str());
+    else if (a == "--connect-attempts")
+      cfg.connect_attempts = std::atoi(v.c_str());
+    else if (a == "--server-log")
+      cfg.server_log = v;
+    else if (a == "--dump")
+      cfg.dump = v;
+    else if (a == "--signal")
+      cfg.sig = v == "INT" ? SIGINT : SIGTERM;
+    else if (a == "--settle")
+      cfg.settle = std::atof(v.c_str());
+    else if (a == "--rt")
+      cfg.rt = v != "0" ? 1 : 0;
+    else if (a == "--nice")
+      cfg.nice = std::atoi(v.c_str());
+    else if (a == "--coalesce-ms")
+      cfg.coalesce_ms = std::atof(v.c_str());
     else {
       std::fprintf(stderr, "loadclient: unknown option %s\n", a.c_str());
       usage(1);
@@ -1358,7 +1397,8 @@ int main(int argc, char** argv) {
     usleep(20000);
   }
   if (!ready) {
-    std::fprintf(stderr, "loadclient: server not ready on port %d (see %s)\n", port, cfg.server_log.c_str());
+    std::fprintf(stderr, "loadclient: server not ready on port %d (see %s)\n", port,
+                 cfg.server_log.c_str());
     kill(sp.pid, SIGKILL);
     waitpid(sp.pid, nullptr, 0);
     put("scenario", cfg.scenario);
@@ -1373,10 +1413,14 @@ int main(int argc, char** argv) {
   const int64_t wall0 = now_ns();
 
   int rc = 1;
-  if (cfg.scenario == "shutdown") rc = run_shutdown(cfg, sp, port);
-  else if (cfg.scenario == "idle") rc = run_idle(cfg, sp, port);
-  else if (cfg.scenario == "throughput") rc = run_throughput(cfg, sp, port);
-  else if (cfg.scenario == "capacity") rc = run_capacity(cfg, sp, port);
+  if (cfg.scenario == "shutdown")
+    rc = run_shutdown(cfg, sp, port);
+  else if (cfg.scenario == "idle")
+    rc = run_idle(cfg, sp, port);
+  else if (cfg.scenario == "throughput")
+    rc = run_throughput(cfg, sp, port);
+  else if (cfg.scenario == "capacity")
+    rc = run_capacity(cfg, sp, port);
 
   if (!sp.exited) {  // never leave the server behind
     kill(sp.pid, SIGKILL);
@@ -1387,8 +1431,11 @@ int main(int argc, char** argv) {
   // shared machine): busy time of all CPUs minus the server's and ours.
   {
     const double wall = static_cast<double>(now_ns() - wall0) / 1e9;
-    const double other = (machine_busy_s() - machine0) - (server_cpu(sp) - server0) - (client_cpu() - client0);
-    putf("other_busy_pct", std::max(0.0, 100.0 * other / (wall * static_cast<double>(sysconf(_SC_NPROCESSORS_ONLN)))), 0);
+    const double other =
+        (machine_busy_s() - machine0) - (server_cpu(sp) - server0) - (client_cpu() - client0);
+    putf("other_busy_pct",
+         std::max(0.0, 100.0 * other / (wall * static_cast<double>(sysconf(_SC_NPROCESSORS_ONLN)))),
+         0);
   }
   long long overflows1 = listen_overflows();
   if (overflows0 >= 0 && overflows1 >= 0) put("listen_overflows", overflows1 - overflows0);
