@@ -41,3 +41,18 @@ TEST_CASE("fuzz regression: the server answers 400, not 500, to a number out of 
     CHECK(body["error"].get<std::string>().rfind("Invalid JSON", 0) == 0);
   }
 }
+
+// fuzz_request's seed corpus: nlohmann_json stops at a NUL byte outside a
+// string, so a valid body followed by a NUL and anything else was accepted
+// with the rest ignored. A NUL is never valid JSON: 400.
+TEST_CASE("fuzz regression: a body with a NUL byte is 400 Invalid JSON") {
+  const std::string valid = R"({"messages":[{"role":"user","content":"x"}]})";
+  for (const std::string& body :
+       {valid + std::string(1, '\0') + "[[[", std::string(1, '\0') + valid}) {
+    ChatRequest req;
+    const auto err = detail::parse_chat_request(body, req);
+    REQUIRE(err.has_value());
+    CHECK(err->status == 400);
+    CHECK(err->message.rfind("Invalid JSON", 0) == 0);
+  }
+}

@@ -92,8 +92,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // The guard against deep nesting, checked against the parsed depth.
   const std::size_t guard_depth = detail::json_nesting_depth(body);
   const json doc = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
-  const bool is_json = !doc.is_discarded();
-  if (is_json) {
+  // A NUL is never valid JSON; the server refuses the body rather than let
+  // the parser stop there and ignore the rest.
+  const bool is_json = !doc.is_discarded() && body.find('\0') == std::string_view::npos;
+  if (!doc.is_discarded()) {
     // nlohmann_json stops reading at a NUL byte outside a string (none can be
     // inside one), so it parsed the text before the first NUL; the guard reads
     // the whole body and may only count more.
