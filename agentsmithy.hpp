@@ -356,6 +356,22 @@ inline json error_event(std::string_view message) {
 }
 inline json done_event() { return json{{"type", "done"}, {"done", true}}; }
 
+// How every stream ends: [error,] done, then the terminating chunk.
+inline std::string stream_tail(const std::string& dialog_id,
+                               const std::optional<std::string>& error) {
+  std::string tail;
+  if (error) {
+    json e = error_event(*error);
+    e["dialog_id"] = dialog_id;
+    append_event_chunk(tail, e);
+  }
+  json done = done_event();
+  done["dialog_id"] = dialog_id;
+  append_event_chunk(tail, done);
+  tail.append(kLastChunk);
+  return tail;
+}
+
 // ===========================================================================
 // Request validation
 // ===========================================================================
@@ -931,16 +947,7 @@ inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
   ch.ended = true;
   ch.ended_by_shutdown = true;
   if (ch.kind == ChannelKind::sse && !ch.closed) {
-    std::string tail;
-    json error = error_event(kShutdownMessage);
-    error["dialog_id"] = ch.dialog_id;
-    json done = done_event();
-    done["dialog_id"] = ch.dialog_id;
-    append_event_chunk(tail, error);
-    append_event_chunk(tail, done);
-    tail.append(kLastChunk);
-    ch.pending.append(tail);
-    ch.last_write = Clock::now();
+    append_locked(ch, stream_tail(ch.dialog_id, std::string(kShutdownMessage)));
   }
 }
 
@@ -995,13 +1002,9 @@ inline bool StreamHub::send(Channel& ch, const json& event) {
   if (is_done) framed["done"] = true;
   std::string bytes;
   append_event_chunk(bytes, framed);
-  if (is_error) {
-    json done = done_event();
-    done["dialog_id"] = ch.dialog_id;
-    append_event_chunk(bytes, done);
-  }
+  if (is_error) bytes += stream_tail(ch.dialog_id, std::nullopt);
+  if (is_done) bytes.append(kLastChunk);
   if (is_error || is_done) {
-    bytes.append(kLastChunk);
     ch.ended = true;
     ch.cancelled = true;
   }
@@ -1030,17 +1033,7 @@ inline StreamHub::Flow StreamHub::finish_locked(Channel& ch,
   ch.ended = true;
   ch.cancelled = true;
   ch.cv.notify_all();
-  std::string tail;
-  if (error) {
-    json e = error_event(*error);
-    e["dialog_id"] = ch.dialog_id;
-    append_event_chunk(tail, e);
-  }
-  json done = done_event();
-  done["dialog_id"] = ch.dialog_id;
-  append_event_chunk(tail, done);
-  tail.append(kLastChunk);
-  return queue_locked(ch, tail);
+  return queue_locked(ch, stream_tail(ch.dialog_id, error));
 }
 
 inline void StreamHub::finish(Channel& ch, const std::optional<std::string>& error) {
