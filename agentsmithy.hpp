@@ -118,55 +118,101 @@ struct ChatRequest {
   std::string dialog_id;  // the client's, or one the server assigned
 };
 
-// The text every stream ends with when the server shuts down under it.
-inline constexpr std::string_view kShutdownMessage = "Server is shutting down";
+// The text every stream ends with when the server shuts down under it, and
+// the body of the 503 a request gets once the drain has begun. Both also carry
+// "code": "shutdown" (see README, "Error codes").
+inline constexpr std::string_view kShutdownMessage = "Server is shutting down (graceful shutdown)";
 
 namespace detail {
 struct Channel;
 struct Core;
-class StreamHub;
 class HttpFrontend;
 }  // namespace detail
 class SignalHook;
 
 // ===========================================================================
-// Stream writer: what a generator writes its events to
+// Stream writer: what a generator or a stream handler writes its events to
 // ===========================================================================
 
+// One chat request's answer. Every method may be called from any thread, also
+// concurrently: events are written whole, in the order the calls returned.
+//
+// The stream ends when an "error" or "done" event is sent ("done" follows an
+// error), when end() is called, or when the last reference to the writer is
+// released (a generator's writer: when the generator returns). Until it ends
+// it holds one of Options::max_streams slots, also after a cancellation.
 class StreamWriter {
  public:
   // Writes one event: an object with a string "type"; "dialog_id" is added.
-  // Returns false once the stream is cancelled (client gone, shutdown), and
-  // from then on writes nothing. An "error" or "done" event ends the stream:
-  // "done" is appended after an error, later sends return false.
-  // Throws std::invalid_argument for an event that is not such an object.
+  // Returns false once the stream is cancelled (client gone, shutdown) or
+  // ended, and from then on writes nothing. An "error" or "done" event ends
+  // the stream. Throws std::invalid_argument for an event that is not such an
+  // object. Never blocks unless the client reads slower than events come
+  // (then up to Options::write_timeout, after which the client is dropped).
   bool send(const nlohmann::json& event);
+  // Like send() for each event in order, in one write to the socket: for a
+  // producer that has several events at hand. False once cancelled.
+  bool send_batch(const std::vector<nlohmann::json>& events);
   // Shorthand for send({"type":"chat","content":text}).
   bool chat(std::string_view text);
+  // Ends the stream: appends "done" unless an error or done was sent.
+  // Idempotent; a no-op once cancelled (the server ended the stream).
+  void end();
+  // True once cancelled or ended: nothing more will be written.
   bool cancelled() const;
-  // Waits d; true after the full delay, false at once when cancelled.
+  // Bytes written that the client has not taken yet. A producer feeding many
+  // streams from one thread skips a stream while this is large, instead of
+  // blocking in send() for one slow client.
+  std::size_t buffered() const;
+  // Waits d on the calling thread; true after the full delay, false at once
+  // when cancelled.
   bool sleep_for(std::chrono::milliseconds d);
+  // `callback` runs exactly once if the stream is cancelled (client gone,
+  // shutdown, grace deadline, forced shutdown), on a server thread, within
+  // 10 ms of the cause, while the producer may be blocked in a call it is
+  // meant to interrupt (close a socket, abort a decode). Registered after the
+  // cancellation, it runs at once on the calling thread. Never runs for a
+  // stream that ended normally. Callbacks run in registration order; one that
+  // throws is logged and the rest still run. Keep them short; they may call
+  // any method of this writer.
+  void on_cancel(std::function<void()> callback);
   const std::string& dialog_id() const;
 
+  // Ends the stream as end() does if it has not ended.
+  ~StreamWriter();
   StreamWriter(const StreamWriter&) = delete;
   StreamWriter& operator=(const StreamWriter&) = delete;
 
  private:
   friend class detail::HttpFrontend;
-  StreamWriter(std::shared_ptr<detail::Channel> channel, detail::StreamHub& hub);
-  std::shared_ptr<detail::Channel> channel_;
-  detail::StreamHub& hub_;
+  StreamWriter(std::shared_ptr<detail::Core> core, std::shared_ptr<detail::Channel> channel);
+  const std::shared_ptr<detail::Core> core_;  // first: outlives the channel's release
+  const std::shared_ptr<detail::Channel> channel_;
 };
 
-// Produces the answer to one request by writing events. Runs on its own
-// thread; may block. Should return soon after send() returns false.
+// Produces the answer to one request by writing events, on a thread of its
+// own for the whole stream; may block. Should return soon after send()
+// returns false or an on_cancel callback runs. Returning ends the stream with
+// "done"; throwing ends it with an "error" event (code "generator_error").
 using Generator = std::function<void(const ChatRequest&, StreamWriter&)>;
+
+// Starts the answer to one request and returns at once, typically handing the
+// writer to the producer that feeds it (an inference thread batching many
+// sequences, an event loop). Called on a server thread; the stream stays open
+// until the writer ends (see StreamWriter). Throwing ends the stream with an
+// "error" event (code "generator_error").
+using StreamHandler = std::function<void(const ChatRequest&, std::shared_ptr<StreamWriter>)>;
 
 // The built-in demo: chat_start, chat chunks of a few words 20 ms apart,
 // chat_end. "Tell me a long story" gets a story of over 2,000 words. A request
 // sets the pace with context.demo = {"tokens": N, "interval_ms": M}, N in
 // [1, 1000000] chunks, M in [0, 60000] ms; other values end the stream with an
-// error event.
+// error event (code "invalid_request").
+//
+// demo_stream_handler() plays it for every stream from one timer thread
+// through the public StreamWriter (the server's default); demo_generator()
+// plays it as a blocking Generator, one thread per stream.
+StreamHandler demo_stream_handler();
 void demo_generator(const ChatRequest& request, StreamWriter& out);
 
 // ===========================================================================
@@ -175,8 +221,11 @@ void demo_generator(const ChatRequest& request, StreamWriter& out);
 
 class ChatService {
  public:
-  // Replaces the generator for requests that arrive from now on.
+  // set_generator and set_stream_handler replace each other: the last one set
+  // serves the requests that arrive from then on. Neither set: the demo,
+  // through demo_stream_handler().
   void set_generator(Generator generator);
+  void set_stream_handler(StreamHandler handler);
   // Chat requests in flight whose client is still connected.
   std::size_t active_streams() const;
   bool is_shutting_down() const;
@@ -306,6 +355,15 @@ inline void log_to_stderr(LogLevel level, const std::string& message) {
   (void)written;
 }
 
+inline void log(const Options& options, LogLevel level, const std::string& message) {
+  if (level < options.log_level) return;
+  if (options.logger) {
+    options.logger(level, message);
+  } else {
+    log_to_stderr(level, message);
+  }
+}
+
 inline long long elapsed_ms(Clock::time_point since) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
 }
@@ -329,47 +387,55 @@ inline void append_chunk(std::string& out, std::string_view payload) {
   out.append("\r\n");
 }
 
-// `data: <json>\n\n` as one chunk. The compact dump has no raw newline, so an
-// event is always a single SSE data line.
-inline void append_event_chunk(std::string& out, const json& event) {
-  append_chunk(out, "data: " + dump_json(event) + "\n\n");
-}
-
 inline constexpr std::string_view kHeartbeatComment = ": ping\n\n";
 inline constexpr std::string_view kLastChunk = "0\r\n\r\n";
-// `extra_headers`: complete header lines (CORS).
-inline std::string stream_response_head(std::string_view extra_headers) {
-  std::string head =
-      "HTTP/1.1 200 OK\r\n"
+
+// `chunked`: an HTTP/1.1 client; HTTP/1.0 forbids Transfer-Encoding, so a 1.0
+// client's stream is delimited by the connection's close. `extra_headers`:
+// complete header lines (CORS).
+inline std::string stream_response_head(bool chunked, std::string_view extra_headers) {
+  std::string head = chunked ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.0 200 OK\r\n";
+  head +=
       "Content-Type: text/event-stream\r\n"
       "Cache-Control: no-cache\r\n"
-      "X-Accel-Buffering: no\r\n"
-      "Connection: close\r\n"
-      "Transfer-Encoding: chunked\r\n";
+      "X-Accel-Buffering: no\r\n";
+  head += chunked ? "Transfer-Encoding: chunked\r\n" : "Connection: close\r\n";
   head.append(extra_headers);
   head.append("\r\n");
   return head;
 }
 
-inline json error_event(std::string_view message) {
-  return json{{"type", "error"}, {"error", message}};
+// An error event; `code` is one of the machine-readable codes in the README.
+inline json error_event(std::string_view message, std::string_view code) {
+  json e{{"type", "error"}, {"error", message}};
+  if (!code.empty()) e["code"] = code;
+  return e;
 }
 inline json done_event() { return json{{"type", "done"}, {"done", true}}; }
 
-// How every stream ends: [error,] done, then the terminating chunk.
-inline std::string stream_tail(const std::string& dialog_id,
-                               const std::optional<std::string>& error) {
-  std::string tail;
-  if (error) {
-    json e = error_event(*error);
-    e["dialog_id"] = dialog_id;
-    append_event_chunk(tail, e);
+// The error a stream ends with when the server shuts down under it.
+inline json shutdown_error_event() { return error_event(kShutdownMessage, "shutdown"); }
+
+// `event` as compact JSON with "dialog_id" set (and "done": true on done).
+// Splicing the id into the dump saves copying the event on the hot path;
+// dialog ids are validated to need no escaping.
+inline std::string event_text(const json& event, const std::string& dialog_id, bool is_done) {
+  if (event.contains("dialog_id") || (is_done && !event.contains("done"))) {
+    json framed = event;
+    framed["dialog_id"] = dialog_id;
+    if (is_done) framed["done"] = true;
+    return dump_json(framed);
   }
-  json done = done_event();
-  done["dialog_id"] = dialog_id;
-  append_event_chunk(tail, done);
-  tail.append(kLastChunk);
-  return tail;
+  std::string text = dump_json(event);  // "{...}", never empty: it has "type"
+  text.insert(text.size() - 1, ",\"dialog_id\":\"" + dialog_id + "\"");
+  return text;
+}
+
+// A reconnect delay for a browser whose stream the shutdown cuts: random, so
+// a fleet of them does not come back in lockstep.
+inline int random_retry_ms() {
+  thread_local std::mt19937 rng{std::random_device{}()};
+  return std::uniform_int_distribution<int>(1000, 5000)(rng);
 }
 
 // ===========================================================================
@@ -381,8 +447,10 @@ struct HttpError {
   std::string message;
 };
 
-inline std::string error_body(std::string_view message) {
-  return dump_json(json{{"error", message}});
+inline std::string error_body(std::string_view message, std::string_view code = {}) {
+  json body{{"error", message}};
+  if (!code.empty()) body["code"] = code;
+  return dump_json(body);
 }
 
 inline bool valid_dialog_id(std::string_view id) {
@@ -637,45 +705,104 @@ class DemoScript {
 };
 
 // ===========================================================================
-// Channels: one per chat request, between its generator and its client
+// Channels: one per chat request, between its producer and its client
 // ===========================================================================
 
 enum class ChannelKind { sse, collect };
 
+// How a stream's events are framed on the wire.
+struct StreamFormat {
+  bool chunked = true;     // false: HTTP/1.0, the body ends with the connection
+  bool event_ids = false;  // the GET route: an `id:` line per event (EventSource)
+};
+
 // Everything below `mu` is guarded by it. A channel's socket is written by
-// whichever thread has something to say (the generator, the hub thread, the
+// whichever thread has something to say (a producer, the hub thread, the
 // shutdown), always under `mu`, so events never interleave and no thread
 // waits for another to relay its bytes.
 struct Channel {
-  Channel(std::uint64_t id_, ChannelKind kind_, int fd_, std::string dialog_id_)
-      : id(id_), kind(kind_), dialog_id(std::move(dialog_id_)), fd(fd_) {}
+  Channel(std::uint64_t id_, ChannelKind kind_, int fd_, std::string dialog_id_,
+          StreamFormat format_)
+      : id(id_), kind(kind_), dialog_id(std::move(dialog_id_)), format(format_), fd(fd_) {}
 
   const std::uint64_t id;
   const ChannelKind kind;
   const std::string dialog_id;
-  // Set under `mu`; read without it by cancelled().
+  const StreamFormat format;
+  // Set under `mu`; read without it by cancelled(). True once nothing more
+  // can be written: the stream ended or was cancelled.
   std::atomic<bool> cancelled{false};
 
   std::mutex mu;
-  std::condition_variable cv;  // cancellation, and room in `pending`
+  std::condition_variable cv;  // cancellation, the end, and room in `pending`
   int fd;                      // -1 once closed (sse only)
   std::string pending;         // framed bytes the socket has not taken yet
   std::size_t pending_sent = 0;
-  bool ended = false;   // `done` is queued: nothing more is added
-  bool closed = false;  // socket closed, channel gone from the hub
+  bool ended = false;   // the last event is queued: nothing more is added
+  bool closed = false;  // socket closed (sse) or abandoned (collect)
   bool watching_out = false;
   bool ended_by_shutdown = false;
   Clock::time_point last_write = Clock::now();
   Clock::time_point last_progress = Clock::now();
   std::size_t events = 0;
-  std::string collected;  // collect: the chat chunks joined
-  std::string error;      // collect: the generator's error event
-  // The built-in demo, stepped by the hub instead of a generator thread, and
-  // what it holds until it stops (its max_streams slot).
-  std::unique_ptr<DemoScript> script;
+  std::uint64_t last_event_id = 0;  // format.event_ids
+  std::string collected;            // collect: the chat chunks joined
+  std::string error;                // collect: the producer's error event
+  // The max_streams slot, held until the producer ends the stream (not when
+  // it is merely cancelled: the producer may still be running).
   std::shared_ptr<void> hold;
+  // on_cancel callbacks; `cancel_due` once a cancellation (not a normal end)
+  // happened, `cancel_fired` once they were taken to run.
+  std::vector<std::function<void()>> cancel_callbacks;
+  bool cancel_due = false;
+  bool cancel_fired = false;
 
   std::size_t unsent() const { return pending.size() - pending_sent; }
+
+  // One SSE event carrying `json_text`, framed for this stream.
+  void frame_locked(std::string& out, std::string_view json_text, int retry_ms = 0) {
+    std::string block;
+    block.reserve(json_text.size() + 32);
+    if (retry_ms > 0) block += "retry: " + std::to_string(retry_ms) + "\n";
+    if (format.event_ids) block += "id: " + std::to_string(++last_event_id) + "\n";
+    block += "data: ";
+    block += json_text;
+    block += "\n\n";
+    if (format.chunked) {
+      append_chunk(out, block);
+    } else {
+      out += block;
+    }
+  }
+
+  // How every stream ends: [error,] done, then the terminating chunk. The
+  // shutdown's error tells a browser when to come back (`retry:`).
+  std::string tail_locked(const std::optional<json>& error, bool shutdown = false) {
+    std::string tail;
+    if (error) {
+      frame_locked(tail, event_text(*error, dialog_id, false),
+                   shutdown && format.event_ids ? random_retry_ms() : 0);
+    }
+    frame_locked(tail, event_text(done_event(), dialog_id, true));
+    if (format.chunked) tail.append(kLastChunk);
+    return tail;
+  }
+
+  // What a stream lets go of when its producer ends it: its slot, and the
+  // callbacks that can no longer run (they may hold the writer). Destroyed
+  // once `mu` is released.
+  struct Leftovers {
+    std::shared_ptr<void> hold;
+    std::vector<std::function<void()>> callbacks;
+  };
+  Leftovers end_locked() {
+    ended = true;
+    cancelled = true;
+    cv.notify_all();
+    Leftovers left{std::exchange(hold, nullptr), {}};
+    if (!cancel_due) left.callbacks.swap(cancel_callbacks);
+    return left;
+  }
 };
 
 // ===========================================================================
@@ -684,7 +811,7 @@ struct Channel {
 
 // One epoll thread watches all streams: it notices a client that went away
 // (EOF, reset) the moment it happens, finishes writes a slow client could not
-// take at once, sends heartbeats and drops stalled clients. Generators write
+// take at once, sends heartbeats and drops stalled clients. Producers write
 // directly and only fall back on the hub when a socket is full.
 class StreamHub {
  public:
@@ -696,21 +823,22 @@ class StreamHub {
   void start();
   void stop();  // joins the hub thread; call after close_all()
 
-  // Takes ownership of `fd` and queues the stream's response `head`.
-  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id,
-                                       const std::string& head);
-  std::shared_ptr<Channel> open_collector(const std::string& dialog_id);
+  // Takes ownership of `fd` and queues the stream's response `head`. `hold`
+  // is released when the stream ends.
+  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id, StreamFormat format,
+                                       const std::string& head, std::shared_ptr<void> hold);
+  std::shared_ptr<Channel> open_collector(const std::string& dialog_id, std::shared_ptr<void> hold);
 
-  bool send(Channel& ch, const json& event);
+  // `events[0..count)` in one write; false once cancelled.
+  bool send(Channel& ch, const json* events, std::size_t count);
   bool wait(Channel& ch, std::chrono::milliseconds d);
-  // The generator returned (error empty) or threw.
-  void finish(Channel& ch, const std::optional<std::string>& error);
-  // Plays `script` on the hub's timer; `hold` is released when it stops.
-  void run_script(const std::shared_ptr<Channel>& ch, std::unique_ptr<DemoScript> script,
-                  std::shared_ptr<void> hold);
+  // The producer ended the stream (error empty) or failed: `done` follows.
+  void finish(Channel& ch, const std::optional<json>& error);
+  void on_cancel(Channel& ch, std::function<void()> callback);
 
-  // Shutdown step 3: error + done + last chunk on every open stream, written
-  // by this one thread. Returns how many streams it ended.
+  // Shutdown step 3: every open stream is cancelled (its on_cancel callbacks
+  // run), then gets error + done + last chunk, written by this one thread.
+  // Returns how many streams it ended.
   std::size_t end_all_for_shutdown();
   // The grace deadline: closes whatever is left. Returns how many.
   std::size_t close_all();
@@ -722,24 +850,25 @@ class StreamHub {
   static constexpr std::uint64_t kWakeId = 0;
 
   std::shared_ptr<Channel> add(std::shared_ptr<Channel> ch, std::string_view head);
+  std::uint64_t next_id();
   std::shared_ptr<Channel> find(std::uint64_t id) const;
   std::vector<std::shared_ptr<Channel>> snapshot() const;
+  // After a channel's lock is released: drops it from the hub if it closed,
+  // and runs its cancel callbacks if a cancellation made them due.
+  void settle(Channel& ch, Flow flow);
   void forget(const Channel& ch);
+  void run_cancel_callbacks(Channel& ch);
   void run();
   void tick();
-  void schedule(std::shared_ptr<Channel> ch, Clock::time_point due);
-  void run_due_scripts();
-  std::optional<Clock::time_point> step(const std::shared_ptr<Channel>& ch, Clock::time_point due,
-                                        Clock::time_point now);
   void on_socket_event(Channel& ch, std::uint32_t events);
 
   void append_locked(Channel& ch, std::string_view bytes);
   Flow queue_locked(Channel& ch, std::string_view bytes);
-  Flow finish_locked(Channel& ch, const std::optional<std::string>& error);
-  static void drop_script_locked(Channel& ch);
-  // `wake`: notify the generator waiting on the channel if it closes.
+  Flow finish_locked(Channel& ch, const std::optional<json>& error, Channel::Leftovers& left);
+  // `wake`: notify whoever waits on the channel if it closes.
   Flow flush_locked(Channel& ch, bool wake = true);
   void watch_out_locked(Channel& ch, bool on);
+  void cancel_for_shutdown_locked(Channel& ch);
   void end_for_shutdown_locked(Channel& ch);
   void close_locked(Channel& ch, bool wake = true);
 
@@ -754,12 +883,6 @@ class StreamHub {
   std::unordered_map<std::uint64_t, std::shared_ptr<Channel>> channels_;
   std::uint64_t next_id_ = 1;
   bool shutting_down_ = false;
-  struct Timer {
-    Clock::time_point due;
-    std::shared_ptr<Channel> channel;
-    bool operator>(const Timer& other) const { return due > other.due; }
-  };
-  std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;  // guarded by mu_
 };
 
 inline StreamHub::StreamHub(const Options& options, std::function<void()> on_count_change)
@@ -775,7 +898,6 @@ inline StreamHub::StreamHub(const Options& options, std::function<void()> on_cou
 
 inline StreamHub::~StreamHub() {
   close_all();
-  timers_ = {};
   ::close(wake_fd_);
   ::close(epoll_fd_);
 }
@@ -792,6 +914,11 @@ inline void StreamHub::stop() {
   const ssize_t w = ::write(wake_fd_, &one, sizeof one);
   (void)w;
   thread_.join();
+}
+
+inline std::uint64_t StreamHub::next_id() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_id_++;
 }
 
 inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch, std::string_view head) {
@@ -820,27 +947,25 @@ inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch, std:
       if (!ch->closed && ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
     }
   }
-  if (flow != Flow::open) forget(*ch);
+  settle(*ch, flow);
   return ch;
 }
 
 inline std::shared_ptr<Channel> StreamHub::open_stream(int fd, const std::string& dialog_id,
-                                                       const std::string& head) {
-  std::uint64_t id;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    id = next_id_++;
-  }
-  return add(std::make_shared<Channel>(id, ChannelKind::sse, fd, dialog_id), head);
+                                                       StreamFormat format,
+                                                       const std::string& head,
+                                                       std::shared_ptr<void> hold) {
+  auto ch = std::make_shared<Channel>(next_id(), ChannelKind::sse, fd, dialog_id, format);
+  ch->hold = std::move(hold);
+  return add(std::move(ch), head);
 }
 
-inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dialog_id) {
-  std::uint64_t id;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    id = next_id_++;
-  }
-  return add(std::make_shared<Channel>(id, ChannelKind::collect, -1, dialog_id), {});
+inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dialog_id,
+                                                          std::shared_ptr<void> hold) {
+  auto ch = std::make_shared<Channel>(next_id(), ChannelKind::collect, -1, dialog_id,
+                                      StreamFormat{});
+  ch->hold = std::move(hold);
+  return add(std::move(ch), {});
 }
 
 inline std::shared_ptr<Channel> StreamHub::find(std::uint64_t id) const {
@@ -857,6 +982,11 @@ inline std::vector<std::shared_ptr<Channel>> StreamHub::snapshot() const {
   return all;
 }
 
+inline void StreamHub::settle(Channel& ch, Flow flow) {
+  if (flow != Flow::open) forget(ch);
+  run_cancel_callbacks(ch);
+}
+
 inline void StreamHub::forget(const Channel& ch) {
   bool erased;
   {
@@ -865,6 +995,51 @@ inline void StreamHub::forget(const Channel& ch) {
   }
   // Only the last one matters to a drain waiting for zero.
   if (erased && --count_ == 0) on_count_change_();
+}
+
+inline void StreamHub::run_cancel_callbacks(Channel& ch) {
+  std::vector<std::function<void()>> callbacks;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (!ch.cancel_due || ch.cancel_fired) return;
+    ch.cancel_fired = true;
+    callbacks.swap(ch.cancel_callbacks);
+  }
+  for (std::size_t i = 0; i < callbacks.size(); ++i) {
+    try {
+      callbacks[i]();
+    } catch (const std::exception& e) {
+      log(options_, LogLevel::error,
+          "dialog " + ch.dialog_id + ": on_cancel callback " + std::to_string(i) +
+              " threw: " + e.what());
+    } catch (...) {
+      log(options_, LogLevel::error,
+          "dialog " + ch.dialog_id + ": on_cancel callback " + std::to_string(i) + " threw");
+    }
+  }
+}
+
+inline void StreamHub::on_cancel(Channel& ch, std::function<void()> callback) {
+  if (!callback) return;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (!ch.cancel_due) {
+      if (!ch.ended) ch.cancel_callbacks.push_back(std::move(callback));
+      return;  // an ended stream is never cancelled: the callback never runs
+    }
+  }
+  // Cancelled already: run it now, here; the callbacks registered before it
+  // run (or ran) on the thread that saw the cancellation.
+  std::vector<std::function<void()>> one;
+  one.push_back(std::move(callback));
+  try {
+    one[0]();
+  } catch (const std::exception& e) {
+    log(options_, LogLevel::error, "dialog " + ch.dialog_id + ": on_cancel callback threw: " +
+                                       e.what());
+  } catch (...) {
+    log(options_, LogLevel::error, "dialog " + ch.dialog_id + ": on_cancel callback threw");
+  }
 }
 
 inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
@@ -877,14 +1052,10 @@ inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
 }
 
 // Closing removes the socket from the epoll set; a stale event for it finds
-// the channel gone or closed and is ignored.
-inline void StreamHub::drop_script_locked(Channel& ch) {
-  ch.script.reset();
-  ch.hold.reset();
-}
-
+// the channel gone or closed and is ignored. Closing a stream that has not
+// ended is a cancellation: its callbacks become due.
 inline void StreamHub::close_locked(Channel& ch, bool wake) {
-  drop_script_locked(ch);
+  if (!ch.ended) ch.cancel_due = true;
   if (ch.fd >= 0) ::close(ch.fd);
   ch.fd = -1;
   ch.closed = true;
@@ -934,56 +1105,71 @@ inline void StreamHub::append_locked(Channel& ch, std::string_view bytes) {
   ch.pending.append(bytes);
 }
 
+// Writes now unless the socket is known to be full: then the hub flushes it
+// when it drains, and a fast producer's events go out together.
 inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
   if (ch.closed) return Flow::gone;
   append_locked(ch, bytes);
+  if (ch.watching_out && !ch.ended) return Flow::open;
   return flush_locked(ch);
 }
 
-// Does not wake the generator: see end_all_for_shutdown().
-inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
-  drop_script_locked(ch);
+// Cancels the stream: nothing the producer does from here on is written.
+inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
   ch.cancelled = true;
   ch.ended = true;
   ch.ended_by_shutdown = true;
+  ch.cancel_due = true;
+}
+
+// Cancels the stream and queues its final events; does not write them nor
+// wake its producer: see end_all_for_shutdown().
+inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
+  cancel_for_shutdown_locked(ch);
   if (ch.kind == ChannelKind::sse && !ch.closed) {
-    append_locked(ch, stream_tail(ch.dialog_id, std::string(kShutdownMessage)));
+    append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
   }
 }
 
-inline bool StreamHub::send(Channel& ch, const json& event) {
-  const auto type = event.is_object() ? event.find("type") : event.end();
-  if (!event.is_object() || type == event.end() || !type->is_string()) {
-    throw std::invalid_argument(
-        "StreamWriter::send: an event is a JSON object with a string \"type\"");
+inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i) {
+    const json& event = events[i];
+    const auto type = event.is_object() ? event.find("type") : event.end();
+    if (!event.is_object() || type == event.end() || !type->is_string()) {
+      throw std::invalid_argument(
+          "StreamWriter::send: an event is a JSON object with a string \"type\"");
+    }
   }
-  const std::string& kind = type->get_ref<const std::string&>();
-  const bool is_error = kind == "error";
-  const bool is_done = kind == "done";
+  const auto kind_of = [](const json& event) -> const std::string& {
+    return event.find("type")->get_ref<const std::string&>();
+  };
 
   std::unique_lock<std::mutex> lock(ch.mu);
   if (ch.cancelled) return false;
-  ++ch.events;
   if (ch.kind == ChannelKind::collect) {
-    const auto content = event.find("content");
-    if (kind == "chat" && content != event.end() && content->is_string()) {
-      ch.collected += content->get_ref<const std::string&>();
+    Channel::Leftovers left;
+    for (std::size_t i = 0; i < count && !ch.ended; ++i) {
+      const json& event = events[i];
+      const std::string& kind = kind_of(event);
+      ++ch.events;
+      const auto content = event.find("content");
+      if (kind == "chat" && content != event.end() && content->is_string()) {
+        ch.collected += content->get_ref<const std::string&>();
+      }
+      if (kind == "error") {
+        const auto message = event.find("error");
+        ch.error = message != event.end() && message->is_string()
+                       ? message->get<std::string>()
+                       : std::string("generator reported an error");
+      }
+      if (kind == "error" || kind == "done") left = ch.end_locked();
     }
-    if (is_error) {
-      const auto message = event.find("error");
-      ch.error = message != event.end() && message->is_string()
-                     ? message->get<std::string>()
-                     : std::string("generator reported an error");
-    }
-    if (is_error || is_done) {
-      ch.ended = true;
-      ch.cancelled = true;
-    }
+    lock.unlock();
     return true;
   }
 
-  // Backpressure: a client that reads slower than the generator writes
-  // holds the generator here, not an unbounded buffer.
+  // Backpressure: a client that reads slower than the producer writes holds
+  // the producer here, not an unbounded buffer.
   if (ch.unsent() > kMaxUnsent) {
     const bool room = ch.cv.wait_for(lock, options_.write_timeout, [&] {
       return ch.cancelled.load() || ch.unsent() <= kMaxUnsent / 2;
@@ -992,25 +1178,28 @@ inline bool StreamHub::send(Channel& ch, const json& event) {
     if (!room) {
       close_locked(ch);
       lock.unlock();
-      forget(ch);
+      settle(ch, Flow::gone);
       return false;
     }
   }
 
-  json framed = event;
-  framed["dialog_id"] = ch.dialog_id;
-  if (is_done) framed["done"] = true;
   std::string bytes;
-  append_event_chunk(bytes, framed);
-  if (is_error) bytes += stream_tail(ch.dialog_id, std::nullopt);
-  if (is_done) bytes.append(kLastChunk);
-  if (is_error || is_done) {
-    ch.ended = true;
-    ch.cancelled = true;
+  Channel::Leftovers left;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::string& kind = kind_of(events[i]);
+    const bool is_error = kind == "error", is_done = kind == "done";
+    ++ch.events;
+    ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
+    if (is_error || is_done) {
+      if (is_error) bytes += ch.tail_locked(std::nullopt);
+      if (is_done && ch.format.chunked) bytes.append(kLastChunk);
+      left = ch.end_locked();
+      break;
+    }
   }
   const Flow flow = queue_locked(ch, bytes);
   lock.unlock();
-  if (flow != Flow::open) forget(ch);
+  settle(ch, flow);
   return flow != Flow::gone;
 }
 
@@ -1020,111 +1209,30 @@ inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
   return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
 }
 
-// The answer is complete (error empty) or failed: `done` follows.
-inline StreamHub::Flow StreamHub::finish_locked(Channel& ch,
-                                                const std::optional<std::string>& error) {
-  drop_script_locked(ch);
-  if (ch.kind == ChannelKind::collect) {
-    ch.ended = true;
-    ch.cancelled = true;
-    return Flow::closed;
+// The producer is done (error empty) or failed: `done` follows unless the
+// stream already ended. Hands back what the stream lets go of in `left`.
+inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional<json>& error,
+                                                Channel::Leftovers& left) {
+  const bool was_open = !ch.ended && !ch.closed;
+  if (ch.kind == ChannelKind::collect && was_open && error) {
+    const auto message = error->find("error");
+    ch.error = message != error->end() && message->is_string() ? message->get<std::string>()
+                                                               : "generator failed";
   }
-  if (ch.ended || ch.closed) return Flow::open;  // ended by an event, the shutdown or the client
-  ch.ended = true;
-  ch.cancelled = true;
-  ch.cv.notify_all();
-  return queue_locked(ch, stream_tail(ch.dialog_id, error));
+  left = ch.end_locked();
+  if (ch.kind == ChannelKind::collect) return Flow::closed;
+  if (!was_open) return Flow::open;  // ended by an event, the shutdown or the client
+  return queue_locked(ch, ch.tail_locked(error));
 }
 
-inline void StreamHub::finish(Channel& ch, const std::optional<std::string>& error) {
+inline void StreamHub::finish(Channel& ch, const std::optional<json>& error) {
   Flow flow;
+  Channel::Leftovers left;
   {
     std::lock_guard<std::mutex> lock(ch.mu);
-    flow = finish_locked(ch, error);
+    flow = finish_locked(ch, error, left);
   }
-  if (flow != Flow::open) forget(ch);
-}
-
-inline void StreamHub::run_script(const std::shared_ptr<Channel>& ch,
-                                  std::unique_ptr<DemoScript> script, std::shared_ptr<void> hold) {
-  {
-    std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->ended || ch->closed) return;  // `hold` is released on return
-    ch->script = std::move(script);
-    ch->hold = std::move(hold);
-  }
-  schedule(ch, Clock::now());
-  const std::uint64_t one = 1;
-  const ssize_t w = ::write(wake_fd_, &one, sizeof one);
-  (void)w;
-}
-
-inline void StreamHub::schedule(std::shared_ptr<Channel> ch, Clock::time_point due) {
-  std::lock_guard<std::mutex> lock(mu_);
-  timers_.push(Timer{due, std::move(ch)});
-}
-
-inline void StreamHub::run_due_scripts() {
-  const auto now = Clock::now();
-  std::vector<Timer> due, next;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    while (!timers_.empty() && timers_.top().due <= now) {
-      due.push_back(timers_.top());
-      timers_.pop();
-    }
-  }
-  for (Timer& timer : due) {
-    if (const auto at = step(timer.channel, timer.due, now)) {
-      next.push_back(Timer{*at, std::move(timer.channel)});
-    }
-  }
-  if (next.empty()) return;
-  std::lock_guard<std::mutex> lock(mu_);
-  for (Timer& timer : next) timers_.push(std::move(timer));
-}
-
-// Writes the script's events that are due, all in one send, and tells when
-// the next one is due (nothing once the stream is over).
-inline std::optional<Clock::time_point> StreamHub::step(const std::shared_ptr<Channel>& ch,
-                                                        Clock::time_point due,
-                                                        Clock::time_point now) {
-  constexpr int kMaxEventsPerStep = 64;  // then the other streams get their turn
-  std::optional<Clock::time_point> next;
-  Flow flow = Flow::open;
-  {
-    std::lock_guard<std::mutex> lock(ch->mu);
-    if (!ch->script || ch->closed) return std::nullopt;
-    for (int written = 0;; ++written) {
-      if (ch->unsent() > kMaxUnsent) {  // a slow client: wait for it, do not buffer
-        next = now + std::chrono::milliseconds(5);
-        break;
-      }
-      if (written == kMaxEventsPerStep) {
-        next = now;
-        break;
-      }
-      auto event = ch->script->next_event();
-      if (!event) {
-        flow = finish_locked(*ch, std::nullopt);
-        break;
-      }
-      (*event)["dialog_id"] = ch->dialog_id;
-      std::string bytes;
-      append_event_chunk(bytes, *event);
-      append_locked(*ch, bytes);
-      if (const auto pause = ch->script->pause_before_next(); pause.count() > 0) {
-        // Keep the cadence: a step that ran late does not push back every
-        // later event; one that fell a whole interval behind starts afresh.
-        next = std::max(due + pause, now);
-        break;
-      }
-    }
-    if (flow == Flow::open) flow = flush_locked(*ch);
-    if (flow != Flow::open) next.reset();
-  }
-  if (flow != Flow::open) forget(*ch);
-  return next;
+  settle(ch, flow);
 }
 
 inline std::size_t StreamHub::end_all_for_shutdown() {
@@ -1135,17 +1243,29 @@ inline std::size_t StreamHub::end_all_for_shutdown() {
     all.reserve(channels_.size());
     for (const auto& entry : channels_) all.push_back(entry.second);
   }
-  // First every client gets its final events, then the generators are woken:
-  // thousands of woken threads would otherwise compete with these writes.
-  std::size_t ended = 0;
+  // 1. Cancel every stream: from here on its producer's writes and end are
+  // no-ops.
+  std::vector<std::shared_ptr<Channel>> ending;
+  ending.reserve(all.size());
   for (const auto& ch : all) {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->ended || ch->closed) continue;
+    cancel_for_shutdown_locked(*ch);
+    ending.push_back(ch);
+  }
+  // 2. The on_cancel callbacks, so that producers blocked in a call are let go
+  // within milliseconds (they run at SCHED_IDLE by now, see
+  // Core::demote_generator_threads, and do not compete with step 3).
+  for (const auto& ch : ending) run_cancel_callbacks(*ch);
+  // 3. Every client gets its final events; 4. then the producers are woken:
+  // thousands of woken threads would otherwise compete with these writes.
+  for (const auto& ch : ending) {
     Flow flow = Flow::open;
     {
       std::lock_guard<std::mutex> lock(ch->mu);
-      if (ch->ended || ch->closed) continue;
-      end_for_shutdown_locked(*ch);
-      ++ended;
-      if (ch->kind == ChannelKind::sse) flow = flush_locked(*ch, false);
+      if (ch->closed || ch->kind != ChannelKind::sse) continue;
+      append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
+      flow = flush_locked(*ch, false);
     }
     if (flow != Flow::open) forget(*ch);
   }
@@ -1153,7 +1273,7 @@ inline std::size_t StreamHub::end_all_for_shutdown() {
     std::lock_guard<std::mutex> lock(ch->mu);
     ch->cv.notify_all();
   }
-  return ended;
+  return ending.size();
 }
 
 inline std::size_t StreamHub::close_all() {
@@ -1162,14 +1282,9 @@ inline std::size_t StreamHub::close_all() {
     {
       std::lock_guard<std::mutex> lock(ch->mu);
       if (!ch->closed) ++closed;
-      if (ch->kind == ChannelKind::collect) {
-        ch->cancelled = true;
-        ch->cv.notify_all();
-      } else {
-        close_locked(*ch);
-      }
+      close_locked(*ch);
     }
-    forget(*ch);
+    settle(*ch, Flow::gone);
   }
   return closed;
 }
@@ -1199,15 +1314,13 @@ inline void StreamHub::on_socket_event(Channel& ch, std::uint32_t events) {
     }
     if (flow == Flow::open && (events & EPOLLOUT)) flow = flush_locked(ch);
   }
-  if (flow != Flow::open) forget(ch);
+  settle(ch, flow);
 }
 
 // Heartbeats on quiet streams, and the write timeout for stalled ones.
 inline void StreamHub::tick() {
   const auto now = Clock::now();
   const bool heartbeats = options_.heartbeat_interval.count() > 0;
-  std::string ping;
-  append_chunk(ping, kHeartbeatComment);
   for (const auto& ch : snapshot()) {
     if (ch->kind != ChannelKind::sse) continue;
     Flow flow = Flow::open;
@@ -1218,10 +1331,16 @@ inline void StreamHub::tick() {
         close_locked(*ch);
         flow = Flow::gone;
       } else if (heartbeats && !ch->ended && now - ch->last_write >= options_.heartbeat_interval) {
+        std::string ping;
+        if (ch->format.chunked) {
+          append_chunk(ping, kHeartbeatComment);
+        } else {
+          ping = std::string(kHeartbeatComment);
+        }
         flow = queue_locked(*ch, ping);
       }
     }
-    if (flow != Flow::open) forget(*ch);
+    settle(*ch, flow);
   }
 }
 
@@ -1235,13 +1354,8 @@ inline void StreamHub::run() {
   auto next_tick = Clock::now() + period;
   std::vector<epoll_event> events(512);
   while (running_) {
-    auto wake_at = next_tick;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!timers_.empty()) wake_at = std::min(wake_at, timers_.top().due);
-    }
     const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(
-                          wake_at - Clock::now() + std::chrono::microseconds(999))
+                          next_tick - Clock::now() + std::chrono::microseconds(999))
                           .count() /
                       1000;
     const int n = ::epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()),
@@ -1256,7 +1370,6 @@ inline void StreamHub::run() {
       }
       if (const auto ch = find(id)) on_socket_event(*ch, events[i].events);
     }
-    run_due_scripts();
     if (Clock::now() >= next_tick) {
       tick();
       next_tick = Clock::now() + period;
@@ -1269,11 +1382,15 @@ inline void StreamHub::run() {
 // ===========================================================================
 
 // cpp-httplib's default pool has a fixed max(8, cores-1) threads and an
-// unbounded queue, so the ninth stream waits silently. This one starts empty,
-// adds a thread whenever a task would otherwise wait (up to a cap sized from
-// max_streams), and lets threads that idle for 2 s exit. Threads are
-// detached and share the pool state, so a task stuck in a generator that
-// ignores cancellation cannot hold up shutdown(); it is left to finish.
+// unbounded queue, so the ninth stream waits silently. This one starts empty
+// and grows on demand up to a cap sized from max_streams, but not faster than
+// it needs to: a burst of short tasks (connections whose request is read and
+// handed on in microseconds) is absorbed by a few threads; only when queued
+// tasks make no progress for 1 ms (every thread is held by a generator or a
+// slow client) does a monitor add a thread per waiting task. Threads that
+// idle for 2 s exit. Threads are detached and share the pool state, so a
+// task stuck in a generator that ignores cancellation cannot hold up
+// shutdown(); it is left to finish.
 class WorkerPool final : public httplib::TaskQueue {
  public:
   WorkerPool(std::size_t max_threads, std::chrono::milliseconds idle_exit)
@@ -1286,16 +1403,22 @@ class WorkerPool final : public httplib::TaskQueue {
   void enqueue(std::function<void()> task) override {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->tasks.push_back(std::move(task));
-    if (state_->tasks.size() > state_->idle && state_->threads < state_->max_threads) {
+    if (state_->idle >= state_->tasks.size()) {
+      state_->work_cv.notify_one();
+      return;
+    }
+    if (state_->threads < std::min(kEagerThreads, state_->max_threads)) {
+      if (spawn_locked(*state_, 1) > 0) return;
+    }
+    if (!state_->monitor_running) {
       try {
-        std::thread(&WorkerPool::work, state_).detach();
-        ++state_->threads;
-        return;
+        std::thread(&WorkerPool::monitor, state_).detach();
+        state_->monitor_running = true;
       } catch (const std::system_error&) {
         // Out of threads: the task waits for a busy one to come free.
       }
     }
-    state_->work_cv.notify_one();
+    state_->monitor_cv.notify_one();
   }
 
   // Waits briefly for the workers to exit; any still busy then is stuck in a
@@ -1305,19 +1428,59 @@ class WorkerPool final : public httplib::TaskQueue {
     if (state_->stopping) return;
     state_->stopping = true;
     state_->work_cv.notify_all();
+    state_->monitor_cv.notify_all();
     state_->exit_cv.wait_for(lock, std::chrono::milliseconds(50),
-                             [&] { return state_->threads == 0; });
+                             [&] { return state_->threads == 0 && !state_->monitor_running; });
   }
 
  private:
-  struct State {
+  static constexpr std::size_t kEagerThreads = 8;
+  static constexpr std::chrono::milliseconds kStarvedAfter{1};
+
+  struct State : std::enable_shared_from_this<State> {
     std::mutex mu;
-    std::condition_variable work_cv, exit_cv;
+    std::condition_variable work_cv, exit_cv, monitor_cv;
     std::deque<std::function<void()>> tasks;
     std::size_t threads = 0, idle = 0, max_threads = 1;
+    std::uint64_t taken = 0;  // tasks dequeued so far: the monitor's progress mark
     std::chrono::milliseconds idle_exit{10000};
     bool stopping = false;
+    bool monitor_running = false;
   };
+
+  // Starts up to `count` workers; returns how many it started.
+  static std::size_t spawn_locked(State& s, std::size_t count) {
+    std::size_t started = 0;
+    while (started < count && s.threads < s.max_threads) {
+      try {
+        std::thread(&WorkerPool::work, s.shared_from_this()).detach();
+      } catch (const std::system_error&) {
+        break;
+      }
+      ++s.threads;
+      ++started;
+    }
+    return started;
+  }
+
+  static void monitor(std::shared_ptr<State> s) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    while (!s->stopping) {
+      const auto starved = [&] { return s->tasks.size() > s->idle; };
+      if (!starved()) {
+        // Like an idle worker, an idle monitor exits; enqueue() starts another.
+        if (!s->monitor_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || starved(); }))
+          break;
+        continue;
+      }
+      const std::uint64_t mark = s->taken;
+      s->monitor_cv.wait_for(lock, kStarvedAfter, [&] { return s->stopping; });
+      if (s->stopping || !starved() || s->taken != mark) continue;
+      spawn_locked(*s, s->tasks.size() - s->idle);
+    }
+    s->monitor_running = false;
+    s->exit_cv.notify_all();
+  }
 
   static void work(std::shared_ptr<State> s) {
     std::unique_lock<std::mutex> lock(s->mu);
@@ -1325,6 +1488,7 @@ class WorkerPool final : public httplib::TaskQueue {
       if (!s->tasks.empty()) {
         auto task = std::move(s->tasks.front());
         s->tasks.pop_front();
+        ++s->taken;
         lock.unlock();
         try {
           task();
@@ -1365,12 +1529,7 @@ struct Core {
   Core& operator=(const Core&) = delete;
 
   void log(LogLevel level, const std::string& message) const {
-    if (level < options.log_level) return;
-    if (options.logger) {
-      options.logger(level, message);
-    } else {
-      log_to_stderr(level, message);
-    }
+    detail::log(options, level, message);
   }
 
   // Wakes whoever waits on `cv` for a change of state or of the counters.
@@ -1413,10 +1572,23 @@ struct Core {
     return hub.active() == 0 && admitted.load() == 0 && connections.load() == 0;
   }
 
-  // Empty: the built-in demo.
-  Generator current_generator() {
-    std::lock_guard<std::mutex> lock(generator_mu);
-    return generator;
+  // What serves a chat request that arrives now: exactly one of the two is
+  // set. Neither set by the host: the demo, through demo_stream_handler().
+  struct Producer {
+    Generator generator;
+    StreamHandler handler;
+  };
+  Producer current_producer() {
+    std::lock_guard<std::mutex> lock(producer_mu);
+    if (!producer.generator && !producer.handler) {
+      if (!demo) demo = demo_stream_handler();
+      return Producer{nullptr, demo};
+    }
+    return producer;
+  }
+  void set_producer(Producer next) {
+    std::lock_guard<std::mutex> lock(producer_mu);
+    producer = std::move(next);
   }
 
   // Connections that are being served (not yet handed to the hub). Their
@@ -1457,8 +1629,9 @@ struct Core {
   bool listen_called = false;                // guarded by mu
   std::vector<std::function<void()>> hooks;  // guarded by mu
 
-  std::mutex generator_mu;
-  Generator generator;
+  std::mutex producer_mu;
+  Producer producer;    // guarded by producer_mu
+  StreamHandler demo;   // guarded by producer_mu; made on first use
 
   // Threads inside a user generator, by kernel thread id.
   std::mutex generator_threads_mu;
@@ -1683,8 +1856,9 @@ class Admission {
 // generator may outlive it).
 struct ChatJob {
   ChatRequest request;
-  Generator generator;
+  Core::Producer producer;
   Admission admission;
+  StreamFormat format;
   std::string extra_headers;  // CORS, as complete header lines
 };
 
@@ -1728,10 +1902,10 @@ class HttpFrontend final : public httplib::Server {
   static void close_after_response(httplib::Response& res);
   static void respond_shutting_down(httplib::Response& res);
 
-  static std::optional<std::string> run_generator(Core& core, const ChatJob& job,
-                                                  const std::shared_ptr<Channel>& ch);
-  static void run_stream(Core& core, int fd, ChatJob job);
-  static void run_collect(Core& core, SocketStream& stream, ChatJob job);
+  static void produce(const std::shared_ptr<Core>& core, const ChatJob& job,
+                      const std::shared_ptr<Channel>& ch);
+  static void run_stream(const std::shared_ptr<Core>& core, int fd, ChatJob job);
+  static void run_collect(const std::shared_ptr<Core>& core, SocketStream& stream, ChatJob job);
 
   std::shared_ptr<Core> core_;
   int listen_fd_ = -1;
@@ -1865,10 +2039,10 @@ inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
   stream.set_muted(false);
   if (conn.chat && conn.chat->request.stream) {
     core->remove_connection(sock);  // the hub owns the socket from here
-    run_stream(*core, sock, std::move(*conn.chat));
+    run_stream(core, sock, std::move(*conn.chat));
     return true;
   }
-  if (conn.chat) run_collect(*core, stream, std::move(*conn.chat));
+  if (conn.chat) run_collect(core, stream, std::move(*conn.chat));
   core->remove_connection(sock);
   ::close(sock);
   return true;
@@ -1884,7 +2058,7 @@ inline void HttpFrontend::respond_shutting_down(httplib::Response& res) {
   res.status = 503;
   res.set_header("Retry-After", "1");
   close_after_response(res);
-  res.set_content(error_body(kShutdownMessage), "application/json");
+  res.set_content(error_body(kShutdownMessage, "shutdown"), "application/json");
 }
 
 inline std::optional<std::string> HttpFrontend::allowed_origin(const httplib::Request& req) const {
@@ -1949,7 +2123,8 @@ inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Resp
     res.status = 503;
     res.set_header("Retry-After", "1");
     res.set_content(error_body("Too many concurrent streams (max " +
-                               std::to_string(core.options.max_streams) + ")"),
+                               std::to_string(core.options.max_streams) + ")",
+                               "capacity"),
                     "application/json");
     return;
   }
@@ -1960,8 +2135,8 @@ inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Resp
   if (const auto origin = allowed_origin(req)) {
     extra_headers = "Access-Control-Allow-Origin: " + *origin + "\r\nVary: Origin\r\n";
   }
-  t_connection->chat.emplace(ChatJob{std::move(request), core.current_generator(),
-                                     std::move(admission), std::move(extra_headers)});
+  t_connection->chat.emplace(ChatJob{std::move(request), core.current_producer(),
+                                     std::move(admission), StreamFormat{}, std::move(extra_headers)});
 }
 
 inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
@@ -1977,70 +2152,71 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
   res.set_content(dump_json(body), "application/json");
 }
 
-inline std::optional<std::string> HttpFrontend::run_generator(Core& core, const ChatJob& job,
-                                                              const std::shared_ptr<Channel>& ch) {
-  StreamWriter writer(ch, core.hub);
+// Runs the producer for one chat request: a generator on this thread until it
+// returns, or a stream handler that returns at once and leaves the stream to
+// whoever holds the writer.
+inline void HttpFrontend::produce(const std::shared_ptr<Core>& core, const ChatJob& job,
+                                  const std::shared_ptr<Channel>& ch) {
+  const std::shared_ptr<StreamWriter> writer(new StreamWriter(core, ch));
+  const bool threaded = static_cast<bool>(job.producer.generator);
   const pid_t tid = ::gettid();
-  {
-    std::lock_guard<std::mutex> lock(core.generator_threads_mu);
-    core.generator_threads.insert(tid);
+  if (threaded) {
+    std::lock_guard<std::mutex> lock(core->generator_threads_mu);
+    core->generator_threads.insert(tid);
   }
   std::optional<std::string> error;
   try {
-    if (job.generator) {
-      job.generator(job.request, writer);
+    if (threaded) {
+      job.producer.generator(job.request, *writer);
     } else {
-      demo_generator(job.request, writer);
+      job.producer.handler(job.request, writer);
     }
   } catch (const std::exception& e) {
     error = e.what();
   } catch (...) {
     error = "generator failed with an unknown exception";
   }
-  {
-    std::lock_guard<std::mutex> lock(core.generator_threads_mu);
-    core.generator_threads.erase(tid);
+  if (threaded) {
+    std::lock_guard<std::mutex> lock(core->generator_threads_mu);
+    core->generator_threads.erase(tid);
   }
-  if (error)
-    core.log(LogLevel::warning, "dialog " + ch->dialog_id + ": generator threw: " + *error);
-  core.hub.finish(*ch, error);
-  return error;
+  if (error) {
+    core->log(LogLevel::warning, "dialog " + ch->dialog_id + ": " +
+                                     (threaded ? "generator" : "stream handler") +
+                                     " threw: " + *error);
+    core->hub.finish(*ch, error_event(*error, "generator_error"));
+  } else if (threaded) {
+    core->hub.finish(*ch, std::nullopt);
+  }
+  // A handler's stream ends when the last writer reference goes.
 }
 
-inline void HttpFrontend::run_stream(Core& core, int fd, ChatJob job) {
+inline void HttpFrontend::run_stream(const std::shared_ptr<Core>& core, int fd, ChatJob job) {
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) | O_NONBLOCK);
-  const auto ch =
-      core.hub.open_stream(fd, job.request.dialog_id, stream_response_head(job.extra_headers));
-  core.log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
-  if (!job.generator) {
-    // The built-in demo runs on the hub's timer: this thread is free at once.
-    std::unique_ptr<DemoScript> script;
-    try {
-      script = std::make_unique<DemoScript>(job.request);
-    } catch (const std::exception& e) {
-      core.hub.finish(*ch, std::string(e.what()));
-      return;
-    }
-    core.hub.run_script(ch, std::move(script),
-                        std::make_shared<Admission>(std::move(job.admission)));
-    return;
-  }
-  run_generator(core, job, ch);
+  const auto ch = core->hub.open_stream(fd, job.request.dialog_id, job.format,
+                                        stream_response_head(job.format.chunked, job.extra_headers),
+                                        std::make_shared<Admission>(std::move(job.admission)));
+  core->log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
+  produce(core, job, ch);
 }
 
-inline void HttpFrontend::run_collect(Core& core, SocketStream& stream, ChatJob job) {
-  const auto ch = core.hub.open_collector(job.request.dialog_id);
-  const auto error = run_generator(core, job, ch);
+inline void HttpFrontend::run_collect(const std::shared_ptr<Core>& core, SocketStream& stream,
+                                      ChatJob job) {
+  const auto ch = core->hub.open_collector(job.request.dialog_id,
+                                           std::make_shared<Admission>(std::move(job.admission)));
+  produce(core, job, ch);
   int status = 200;
   std::string body;
   {
-    std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->ended_by_shutdown) {
+    std::unique_lock<std::mutex> lock(ch->mu);
+    // A stream handler's producer may still be at work.
+    ch->cv.wait(lock, [&] { return ch->ended || ch->closed; });
+    if (ch->ended_by_shutdown || ch->closed) {
       status = 503;
-      body = error_body(kShutdownMessage);
-    } else if (error || !ch->error.empty()) {
+      body = error_body(kShutdownMessage, "shutdown");
+    } else if (!ch->error.empty()) {
       status = 500;
-      body = error_body(error ? *error : ch->error);
+      body = error_body(ch->error, "generator_error");
     } else {
       body = dump_json(json{{"content", ch->collected},
                             {"done", true},
@@ -2062,33 +2238,224 @@ inline void HttpFrontend::run_collect(Core& core, SocketStream& stream, ChatJob 
 // Definitions: stream writer, demo generator, chat service, server
 // ===========================================================================
 
-inline StreamWriter::StreamWriter(std::shared_ptr<detail::Channel> channel, detail::StreamHub& hub)
-    : channel_(std::move(channel)), hub_(hub) {}
+inline StreamWriter::StreamWriter(std::shared_ptr<detail::Core> core,
+                                  std::shared_ptr<detail::Channel> channel)
+    : core_(std::move(core)), channel_(std::move(channel)) {}
 
-inline bool StreamWriter::send(const nlohmann::json& event) { return hub_.send(*channel_, event); }
+inline StreamWriter::~StreamWriter() { end(); }
+
+inline bool StreamWriter::send(const nlohmann::json& event) {
+  return core_->hub.send(*channel_, &event, 1);
+}
+
+inline bool StreamWriter::send_batch(const std::vector<nlohmann::json>& events) {
+  if (events.empty()) return !cancelled();
+  return core_->hub.send(*channel_, events.data(), events.size());
+}
 
 inline bool StreamWriter::chat(std::string_view text) {
   return send(nlohmann::json{{"type", "chat"}, {"content", std::string(text)}});
 }
 
+inline void StreamWriter::end() { core_->hub.finish(*channel_, std::nullopt); }
+
 inline bool StreamWriter::cancelled() const { return channel_->cancelled.load(); }
 
-inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) { return hub_.wait(*channel_, d); }
+inline std::size_t StreamWriter::buffered() const {
+  std::lock_guard<std::mutex> lock(channel_->mu);
+  return channel_->unsent();
+}
+
+inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) {
+  return core_->hub.wait(*channel_, d);
+}
+
+inline void StreamWriter::on_cancel(std::function<void()> callback) {
+  core_->hub.on_cancel(*channel_, std::move(callback));
+}
 
 inline const std::string& StreamWriter::dialog_id() const { return channel_->dialog_id; }
 
+// ===========================================================================
+// The built-in demo, written against the public API
+// ===========================================================================
+
+namespace detail {
+
+// Plays the demo for every stream of a handler from one timer thread, through
+// the public StreamWriter: the shape of a host whose one inference thread
+// feeds many streams. Events due together go out in one send_batch(). A
+// cancelled stream is let go at once (on_cancel), not at its next event.
+class DemoFeeder {
+ public:
+  DemoFeeder() : state_(std::make_shared<State>()) {}
+  ~DemoFeeder() {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->stop = true;
+    state_->cv.notify_all();
+  }
+  DemoFeeder(const DemoFeeder&) = delete;
+  DemoFeeder& operator=(const DemoFeeder&) = delete;
+
+  void add(std::shared_ptr<StreamWriter> writer, std::unique_ptr<DemoScript> script) {
+    auto play = std::make_shared<Play>(Play{std::move(writer), std::move(script)});
+    StreamWriter& out = *play->writer;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      if (!state_->started) {
+        std::thread(&DemoFeeder::run, state_).detach();  // throws if out of threads
+        state_->started = true;
+      }
+      schedule_locked(*state_, play, Clock::now());
+    }
+    // Wake the feeder for a cancelled stream, so that it lets the writer go
+    // now and the stream's slot comes free.
+    out.on_cancel([weak = std::weak_ptr<Play>(play), state = std::weak_ptr<State>(state_)] {
+      const auto p = weak.lock();
+      const auto s = state.lock();
+      if (!p || !s) return;
+      std::lock_guard<std::mutex> lock(s->mu);
+      schedule_locked(*s, p, Clock::now());
+    });
+  }
+
+ private:
+  struct Play {
+    std::shared_ptr<StreamWriter> writer;  // null once the play is over
+    std::unique_ptr<DemoScript> script;
+  };
+  struct Due {
+    Clock::time_point at;
+    std::uint64_t seq;  // first come, first served among equal times
+    std::shared_ptr<Play> play;
+    bool operator>(const Due& other) const {
+      return at != other.at ? at > other.at : seq > other.seq;
+    }
+  };
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::priority_queue<Due, std::vector<Due>, std::greater<Due>> queue;
+    std::uint64_t seq = 0;
+    bool stop = false, started = false;
+  };
+
+  static void schedule_locked(State& s, std::shared_ptr<Play> play, Clock::time_point at) {
+    const bool sooner = s.queue.empty() || at < s.queue.top().at;
+    s.queue.push(Due{at, s.seq++, std::move(play)});
+    if (sooner) s.cv.notify_one();
+  }
+
+  static constexpr std::size_t kMaxEventsPerStep = 64;    // then other streams get their turn
+  static constexpr std::size_t kMaxBuffered = 256 * 1024;  // a slow client: wait, do not pile up
+
+  // Writes the play's events that are due; tells when the next is due,
+  // nothing once the play is over.
+  static std::optional<Clock::time_point> step(Play& play, Clock::time_point due,
+                                               Clock::time_point now) {
+    StreamWriter& out = *play.writer;
+    if (out.cancelled()) return std::nullopt;
+    if (out.buffered() > kMaxBuffered) return now + std::chrono::milliseconds(5);
+    std::vector<nlohmann::json> batch;
+    for (std::size_t i = 0; i < kMaxEventsPerStep; ++i) {
+      auto event = play.script->next_event();
+      if (!event) {
+        out.send_batch(batch);
+        out.end();
+        return std::nullopt;
+      }
+      batch.push_back(std::move(*event));
+      if (const auto pause = play.script->pause_before_next(); pause.count() > 0) {
+        if (!out.send_batch(batch)) return std::nullopt;
+        // Keep the cadence: a step that ran late does not push back every
+        // later event; one that fell a whole interval behind starts afresh.
+        return std::max(due + pause, now);
+      }
+    }
+    if (!out.send_batch(batch)) return std::nullopt;
+    return now;
+  }
+
+  static void run(std::shared_ptr<State> s) {
+    std::vector<Due> due;
+    std::unique_lock<std::mutex> lock(s->mu);
+    while (!s->stop) {
+      if (s->queue.empty()) {
+        s->cv.wait(lock);
+        continue;
+      }
+      const auto now = Clock::now();
+      if (s->queue.top().at > now) {
+        s->cv.wait_until(lock, s->queue.top().at);
+        continue;
+      }
+      while (!s->queue.empty() && s->queue.top().at <= now && due.size() < 4096) {
+        due.push_back(s->queue.top());
+        s->queue.pop();
+      }
+      lock.unlock();
+      // Writers are released here, outside the lock: ending a stream may run
+      // code (the writer's end) that must not wait for this thread.
+      for (Due& d : due) {
+        if (!d.play->writer) {
+          d.play.reset();  // a wake-up for a play that is over already
+          continue;
+        }
+        if (const auto next = step(*d.play, d.at, now)) {
+          d.at = *next;
+        } else {
+          d.play->writer.reset();
+          d.play.reset();
+        }
+      }
+      lock.lock();
+      for (Due& d : due) {
+        if (d.play) schedule_locked(*s, std::move(d.play), d.at);
+      }
+      due.clear();
+    }
+  }
+
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace detail
+
+inline StreamHandler demo_stream_handler() {
+  auto feeder = std::make_shared<detail::DemoFeeder>();
+  return [feeder](const ChatRequest& request, std::shared_ptr<StreamWriter> out) {
+    std::unique_ptr<detail::DemoScript> script;
+    try {
+      script = std::make_unique<detail::DemoScript>(request);
+    } catch (const std::invalid_argument& e) {
+      out->send(detail::error_event(e.what(), "invalid_request"));
+      return;
+    }
+    feeder->add(std::move(out), std::move(script));
+  };
+}
+
 inline void demo_generator(const ChatRequest& request, StreamWriter& out) {
-  detail::DemoScript script(request);
-  while (const auto event = script.next_event()) {
+  std::optional<detail::DemoScript> script;
+  try {
+    script.emplace(request);
+  } catch (const std::invalid_argument& e) {
+    out.send(detail::error_event(e.what(), "invalid_request"));
+    return;
+  }
+  while (const auto event = script->next_event()) {
     if (!out.send(*event)) return;
-    const auto pause = script.pause_before_next();
+    const auto pause = script->pause_before_next();
     if (pause.count() > 0 && !out.sleep_for(pause)) return;
   }
 }
 
 inline void ChatService::set_generator(Generator generator) {
-  std::lock_guard<std::mutex> lock(core_.generator_mu);
-  core_.generator = std::move(generator);
+  core_.set_producer({std::move(generator), nullptr});
+}
+
+inline void ChatService::set_stream_handler(StreamHandler handler) {
+  core_.set_producer({nullptr, std::move(handler)});
 }
 
 inline std::size_t ChatService::active_streams() const { return core_.hub.active(); }
@@ -2180,7 +2547,8 @@ inline bool Server::listen() {
   const auto started = detail::Clock::now();
   core->demote_generator_threads();
   const std::size_t notified = core->hub.end_all_for_shutdown();
-  core->log(LogLevel::info, std::to_string(notified) + " streams notified");
+  core->log(LogLevel::info,
+            std::to_string(notified) + (notified == 1 ? " stream" : " streams") + " notified");
   bool drained;
   {
     std::unique_lock<std::mutex> lock(core->mu);

@@ -43,9 +43,11 @@ options:
   --port PORT               port, 0 for any free  (SERVER_PORT, default 8765)
   --grace-period SECONDS    drain limit at shutdown, may be fractional (default 5)
   --max-streams N           concurrent chat requests before 503 (default 256)
-  --generator hub|thread    hub: the built-in demo, stepped by the stream hub
-                            (default); thread: the same demo as a user generator,
-                            one thread per stream, as your own generator runs
+  --generator handler|thread
+                            handler (default): the built-in demo through
+                            set_stream_handler, every stream fed by one timer
+                            thread; thread: the same demo as a blocking
+                            Generator, one thread per stream
   --log-level LEVEL         debug|info|warning|error (LOG_LEVEL, default info)
   --log-format FORMAT       pretty|json (LOG_FORMAT, default pretty)
   --help                    show this help and exit
@@ -304,8 +306,10 @@ int main(int argc, char** argv) {
     agentsmithy::Server server(options);  // serves the built-in demo generator
     if (flags.generator && *flags.generator == "thread") {
       server.chat_service().set_generator(agentsmithy::demo_generator);
-    } else if (flags.generator && *flags.generator != "hub") {
-      fail(2, "--generator: '" + *flags.generator + "' is not hub or thread");
+    } else if (flags.generator && *flags.generator == "handler") {
+      server.chat_service().set_stream_handler(agentsmithy::demo_stream_handler());
+    } else if (flags.generator) {
+      fail(2, "--generator: '" + *flags.generator + "' is not handler or thread");
     }
     auto hook = agentsmithy::install_signal_handlers(server);
     ::pthread_sigmask(SIG_UNBLOCK, &shutdown_signals, nullptr);

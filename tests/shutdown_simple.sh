@@ -158,7 +158,8 @@ if grep -qE '"type": ?"chat_start"' <<<"$first"; then
 else
   fail "the first event is not chat_start: $first"
 fi
-if grep -qE '"type": ?"error"' <<<"$before_last" && grep -q '"error": \?"Server is shutting down"' <<<"$before_last"; then
+if grep -qE '"type": ?"error"' <<<"$before_last" && grep -q '"error": \?"Server is shutting down (graceful shutdown)"' <<<"$before_last" &&
+  grep -q '"code": \?"shutdown"' <<<"$before_last"; then
   pass "the shutdown error comes after the chat events"
 else
   fail "the event before the last is not the shutdown error: $before_last"
@@ -179,7 +180,7 @@ else
 fi
 
 # --- the lifecycle in the server's log
-for step in "ready on" "signal received: SIGINT" "streams notified" "drained in" "stopped"; do
+for step in "ready on" "signal received: SIGINT" "1 stream notified" "drained in" "stopped"; do
   if grep -q "$step" "$tmp/server.err" "$tmp/server.out"; then
     pass "server log: $step"
   else
