@@ -59,9 +59,16 @@ FORMAT_SOURCES := $(wildcard agentsmithy.hpp examples/*.cpp tests/*.cpp tests/*.
 all: $(SERVER) $(EMBED) $(TESTS)
 
 # One compile unit per example; the test objects compile in parallel.
-$(SERVER): examples/server.cpp agentsmithy.hpp | deps
+# The chat page, examples/chat.html, is compiled into the example server as
+# a raw string literal.
+CHAT_PAGE := $(BUILD)/gen/chat_html.inc
+$(CHAT_PAGE): examples/chat.html
 	@mkdir -p $(@D)
-	$(COMPILE) -MF $@.d $< -o $@ $(LINK)
+	@{ printf 'R"AGENTSMITHY_HTML('; cat $<; printf ')AGENTSMITHY_HTML"\n'; } >$@
+
+$(SERVER): examples/server.cpp agentsmithy.hpp $(CHAT_PAGE) | deps
+	@mkdir -p $(@D)
+	$(COMPILE) -I$(BUILD)/gen -MF $@.d $< -o $@ $(LINK)
 
 $(EMBED): examples/embed.cpp agentsmithy.hpp | deps
 	@mkdir -p $(@D)

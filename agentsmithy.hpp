@@ -21,6 +21,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -30,6 +31,8 @@
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/file.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,11 +49,14 @@
 #include <deque>
 #include <functional>
 #include <iostream>
+#include <map>
+#include <regex>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <queue>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -76,7 +82,15 @@ using Logger = std::function<void(LogLevel level, const std::string& message)>;
 struct Options {
   std::string host = "127.0.0.1";
   int port = 8765;  // 0 picks a free port; Server::port() tells which
+  // Ports tried from `port` on when it is taken (port, port+1, ...); 1: only
+  // `port`. AgentSmithy takes the next free port from 8765, 200 tries.
+  int port_attempts = 1;
   std::string workdir = ".";
+  // When shutdown starts, /health answers 503 "stopping" for this long while
+  // everything else is served as before, so that a balancer or readiness
+  // probe takes the instance out of rotation before anything is refused.
+  // Then the drain begins. 0: the drain begins at once.
+  std::chrono::milliseconds lame_duck{0};
   // How long the drain may take before remaining connections are closed.
   std::chrono::milliseconds grace_period{5000};
   // An SSE comment line (": ping") on every stream quiet for this long; finds
@@ -100,6 +114,19 @@ struct Options {
   std::vector<std::string> cors_origins;
   LogLevel log_level = LogLevel::info;
   Logger logger;  // empty: one line per record on stderr
+  // Every stream opens with {"type":"user","content":<the last user message>}
+  // as AgentSmithy's server sends it. Off for a host that sends its own.
+  bool user_event = true;
+  // Writes <workdir>/.agentsmithy/status.json through the server's lifecycle
+  // (starting, ready, stopping, stopped; error when it cannot start) as
+  // AgentSmithy does, for IDE extensions that launch and watch the server;
+  // refuses to start while another live server owns that workdir.
+  bool status_file = false;
+  // The IDE that launched the server, shown in /health as "ide".
+  std::string ide;
+  // What the host found wrong with its configuration (say, an upstream URL
+  // that failed validation): /health reports config_valid false and these.
+  std::vector<std::string> config_errors;
 };
 
 // ===========================================================================
@@ -243,6 +270,28 @@ class ChatService {
 // Server
 // ===========================================================================
 
+// A host's own endpoint on the chat server's port (see Server::route).
+using RouteHandler = std::function<void(const httplib::Request&, httplib::Response&)>;
+
+// What the last shutdown did (Server::shutdown_report).
+struct ShutdownReport {
+  enum class Cause { signal, shutdown, forced };
+  Cause cause = Cause::shutdown;           // how it started (forced: by a second signal or
+                                           // force_shutdown() before it started)
+  bool forced = false;                     // the drain was cut short by force_shutdown()
+  std::chrono::system_clock::time_point started;  // when it was asked for
+  std::chrono::milliseconds lame_duck{0};  // how long the lame duck lasted
+  std::chrono::milliseconds drain{0};      // from the drain's start to the end of waiting
+  std::chrono::milliseconds last_done{0};  // from the start to the last final event written
+  std::size_t streams_notified = 0;        // open streams that got the shutdown error + done
+  std::size_t streams_ended_in_grace = 0;  // ... whose producer then ended within the grace period
+  std::size_t streams_cut = 0;             // connections still open at the deadline, closed
+  std::size_t clients_gone = 0;            // streams whose client had left before the drain
+  std::size_t generators_running = 0;      // producers still running when listen() returned
+  std::size_t idle_connections_closed = 0;  // keep-alive connections closed at the drain
+  std::size_t requests_refused = 0;         // requests answered 503 while stopping
+};
+
 class Server {
  public:
   explicit Server(Options options = {});
@@ -272,6 +321,16 @@ class Server {
   // Hooks run in order once the streams have drained, before listen()
   // returns. A throwing hook is logged; the rest still run.
   void on_shutdown(std::function<void()> hook);
+  // Empty until a shutdown has completed (listen() returned).
+  std::optional<ShutdownReport> shutdown_report() const;
+
+  // Serves `handler` for `method` (GET, POST, PUT, PATCH, DELETE) and `path`
+  // (cpp-httplib's pattern syntax) on this server's port, under the same
+  // Host guard and CORS; bearer auth applies under /api/. Once the drain has
+  // begun, host routes are answered 503 like new chats. Call before listen();
+  // throws std::logic_error after it, std::invalid_argument for a method it
+  // does not know or a path the server serves itself.
+  void route(const std::string& method, const std::string& path, RouteHandler handler);
 
  private:
   friend SignalHook install_signal_handlers(Server& server);
@@ -705,6 +764,150 @@ class DemoScript {
 };
 
 // ===========================================================================
+// Metrics: what GET /metrics reports, in Prometheus' text format
+// ===========================================================================
+
+// A histogram whose observations are seconds; counts are cumulative when
+// rendered. Lock-free: observe() is called on the streams' hot paths.
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds)
+      : bounds_(std::move(bounds)), counts_(bounds_.size() + 1) {}
+
+  void observe(Clock::duration d) {
+    const double seconds = std::chrono::duration<double>(d).count();
+    std::size_t i = 0;
+    while (i < bounds_.size() && seconds > bounds_[i]) ++i;
+    counts_[i].fetch_add(1, std::memory_order_relaxed);
+    sum_ns_.fetch_add(static_cast<std::uint64_t>(std::max<Clock::rep>(
+                          0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
+                      std::memory_order_relaxed);
+  }
+
+  void render(std::string& out, const std::string& name, const std::string& help) const {
+    out += "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
+    std::uint64_t cumulative = 0;
+    for (std::size_t i = 0; i <= bounds_.size(); ++i) {
+      cumulative += counts_[i].load(std::memory_order_relaxed);
+      std::string le = "+Inf";
+      if (i < bounds_.size()) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%g", bounds_[i]);
+        le = buf;
+      }
+      out += name + "_bucket{le=\"" + le + "\"} " + std::to_string(cumulative) + "\n";
+    }
+    char sum[48];
+    std::snprintf(sum, sizeof sum, "%.9g", static_cast<double>(sum_ns_.load()) / 1e9);
+    out += name + "_sum " + sum + "\n" + name + "_count " + std::to_string(cumulative) + "\n";
+  }
+
+ private:
+  const std::vector<double> bounds_;
+  std::vector<std::atomic<std::uint64_t>> counts_;
+  std::atomic<std::uint64_t> sum_ns_{0};
+};
+
+enum class Lifecycle { starting, ready, lame_duck, draining, stopped };
+inline const char* lifecycle_name(Lifecycle state) {
+  switch (state) {
+    case Lifecycle::starting: return "starting";
+    case Lifecycle::ready: return "ready";
+    case Lifecycle::lame_duck: return "lame_duck";
+    case Lifecycle::draining: return "draining";
+    case Lifecycle::stopped: return "stopped";
+  }
+  return "starting";
+}
+
+// How a chat request ended, for agentsmithy_streams_ended_total.
+enum class Outcome { completed, client_gone, shutdown, error, rejected_capacity, rejected_stopping };
+inline constexpr const char* kOutcomeNames[] = {"completed", "client_gone",       "shutdown",
+                                                "error",     "rejected_capacity", "rejected_stopping"};
+
+struct Metrics {
+  std::atomic<std::uint64_t> ended[6] = {};
+  std::atomic<std::uint64_t> events_sent{0};
+  std::atomic<std::uint64_t> bytes_sent{0};
+  Histogram duration{{0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}};
+  Histogram first_event{{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
+  std::atomic<Lifecycle> state{Lifecycle::starting};
+  // The last drain (a Server drains once; an embedder may scrape after it).
+  std::atomic<bool> drained_once{false};
+  std::atomic<std::int64_t> drain_ms{0};
+  std::atomic<std::uint64_t> drain_notified{0};
+  std::atomic<std::uint64_t> drain_closed{0};
+
+  void count_end(Outcome outcome) {
+    ended[static_cast<int>(outcome)].fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // Requests by route (a fixed set, so that odd paths cannot grow it) and status.
+  void count_request(const std::string& route, int status) {
+    std::lock_guard<std::mutex> lock(requests_mu);
+    ++requests[{route, status}];
+  }
+
+  std::string render(std::size_t active) const {
+    std::string out;
+    const auto gauge = [&](const std::string& name, const std::string& help) {
+      out += "# HELP " + name + " " + help + "\n# TYPE " + name + " gauge\n";
+    };
+    const auto counter = [&](const std::string& name, const std::string& help) {
+      out += "# HELP " + name + " " + help + "\n# TYPE " + name + " counter\n";
+    };
+    gauge("agentsmithy_streams_active", "Chat requests in flight whose client is connected.");
+    out += "agentsmithy_streams_active " + std::to_string(active) + "\n";
+    counter("agentsmithy_streams_ended_total", "Chat requests ended, by outcome.");
+    for (int i = 0; i < 6; ++i) {
+      out += std::string("agentsmithy_streams_ended_total{outcome=\"") + kOutcomeNames[i] +
+             "\"} " + std::to_string(ended[i].load()) + "\n";
+    }
+    counter("agentsmithy_http_requests_total", "HTTP requests answered, by route and status.");
+    {
+      std::lock_guard<std::mutex> lock(requests_mu);
+      for (const auto& [key, count] : requests) {
+        out += "agentsmithy_http_requests_total{route=\"" + key.first + "\",status=\"" +
+               std::to_string(key.second) + "\"} " + std::to_string(count) + "\n";
+      }
+    }
+    counter("agentsmithy_events_sent_total", "SSE events written to streams.");
+    out += "agentsmithy_events_sent_total " + std::to_string(events_sent.load()) + "\n";
+    counter("agentsmithy_sent_bytes_total", "Bytes of stream responses written to clients.");
+    out += "agentsmithy_sent_bytes_total " + std::to_string(bytes_sent.load()) + "\n";
+    duration.render(out, "agentsmithy_stream_duration_seconds",
+                    "Time from a stream's admission to its end.");
+    first_event.render(out, "agentsmithy_stream_first_event_seconds",
+                       "Time from a stream's admission to its producer's first event.");
+    gauge("agentsmithy_lifecycle_state", "The server's lifecycle state (1 for the current one).");
+    const Lifecycle now = state.load();
+    for (const Lifecycle s : {Lifecycle::starting, Lifecycle::ready, Lifecycle::lame_duck,
+                              Lifecycle::draining, Lifecycle::stopped}) {
+      out += std::string("agentsmithy_lifecycle_state{state=\"") + lifecycle_name(s) + "\"} " +
+             (s == now ? "1" : "0") + "\n";
+    }
+    if (drained_once) {
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.3f", static_cast<double>(drain_ms.load()) / 1000.0);
+      gauge("agentsmithy_last_drain_duration_seconds", "How long the last drain took.");
+      out += std::string("agentsmithy_last_drain_duration_seconds ") + secs + "\n";
+      gauge("agentsmithy_last_drain_streams_notified",
+            "Streams that got the shutdown error in the last drain.");
+      out += "agentsmithy_last_drain_streams_notified " + std::to_string(drain_notified.load()) +
+             "\n";
+      gauge("agentsmithy_last_drain_connections_closed",
+            "Connections closed at the last drain's deadline.");
+      out += "agentsmithy_last_drain_connections_closed " + std::to_string(drain_closed.load()) +
+             "\n";
+    }
+    return out;
+  }
+
+  mutable std::mutex requests_mu;
+  std::map<std::pair<std::string, int>, std::uint64_t> requests;  // guarded by requests_mu
+};
+
+// ===========================================================================
 // Channels: one per chat request, between its producer and its client
 // ===========================================================================
 
@@ -742,6 +945,9 @@ struct Channel {
   bool closed = false;  // socket closed (sse) or abandoned (collect)
   bool watching_out = false;
   bool ended_by_shutdown = false;
+  bool errored = false;  // ended by an error event or a failed producer
+  bool producer_spoke = false;
+  const Clock::time_point opened = Clock::now();
   Clock::time_point last_write = Clock::now();
   Clock::time_point last_progress = Clock::now();
   std::size_t events = 0;
@@ -815,7 +1021,7 @@ struct Channel {
 // directly and only fall back on the hub when a socket is full.
 class StreamHub {
  public:
-  StreamHub(const Options& options, std::function<void()> on_count_change);
+  StreamHub(const Options& options, Metrics& metrics, std::function<void()> on_count_change);
   ~StreamHub();
   StreamHub(const StreamHub&) = delete;
   StreamHub& operator=(const StreamHub&) = delete;
@@ -829,8 +1035,9 @@ class StreamHub {
                                        const std::string& head, std::shared_ptr<void> hold);
   std::shared_ptr<Channel> open_collector(const std::string& dialog_id, std::shared_ptr<void> hold);
 
-  // `events[0..count)` in one write; false once cancelled.
-  bool send(Channel& ch, const json* events, std::size_t count);
+  // `events[0..count)` in one write; false once cancelled. `from_producer`:
+  // false for what the server itself sends (the user event).
+  bool send(Channel& ch, const json* events, std::size_t count, bool from_producer = true);
   bool wait(Channel& ch, std::chrono::milliseconds d);
   // The producer ended the stream (error empty) or failed: `done` follows.
   void finish(Channel& ch, const std::optional<json>& error);
@@ -856,7 +1063,7 @@ class StreamHub {
   // After a channel's lock is released: drops it from the hub if it closed,
   // and runs its cancel callbacks if a cancellation made them due.
   void settle(Channel& ch, Flow flow);
-  void forget(const Channel& ch);
+  void forget(Channel& ch);
   void run_cancel_callbacks(Channel& ch);
   void run();
   void tick();
@@ -873,6 +1080,7 @@ class StreamHub {
   void close_locked(Channel& ch, bool wake = true);
 
   const Options& options_;
+  Metrics& metrics_;
   const std::function<void()> on_count_change_;
   int epoll_fd_ = -1;
   int wake_fd_ = -1;
@@ -885,8 +1093,9 @@ class StreamHub {
   bool shutting_down_ = false;
 };
 
-inline StreamHub::StreamHub(const Options& options, std::function<void()> on_count_change)
-    : options_(options), on_count_change_(std::move(on_count_change)) {
+inline StreamHub::StreamHub(const Options& options, Metrics& metrics,
+                            std::function<void()> on_count_change)
+    : options_(options), metrics_(metrics), on_count_change_(std::move(on_count_change)) {
   epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (epoll_fd_ < 0 || wake_fd_ < 0) throw std::system_error(errno, std::generic_category());
@@ -987,14 +1196,25 @@ inline void StreamHub::settle(Channel& ch, Flow flow) {
   run_cancel_callbacks(ch);
 }
 
-inline void StreamHub::forget(const Channel& ch) {
+inline void StreamHub::forget(Channel& ch) {
   bool erased;
   {
     std::lock_guard<std::mutex> lock(mu_);
     erased = channels_.erase(ch.id) > 0;
   }
+  if (!erased) return;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    const Outcome outcome = ch.ended_by_shutdown ? Outcome::shutdown
+                            : ch.errored         ? Outcome::error
+                            : ch.ended           ? Outcome::completed
+                                                 : Outcome::client_gone;
+    metrics_.count_end(outcome);
+    metrics_.events_sent.fetch_add(ch.events, std::memory_order_relaxed);
+    metrics_.duration.observe(Clock::now() - ch.opened);
+  }
   // Only the last one matters to a drain waiting for zero.
-  if (erased && --count_ == 0) on_count_change_();
+  if (--count_ == 0) on_count_change_();
 }
 
 inline void StreamHub::run_cancel_callbacks(Channel& ch) {
@@ -1073,6 +1293,7 @@ inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake) {
     if (n > 0) {
       ch.pending_sent += static_cast<std::size_t>(n);
       ch.last_progress = Clock::now();
+      metrics_.bytes_sent.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
@@ -1131,7 +1352,8 @@ inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
   }
 }
 
-inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count) {
+inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
+                            bool from_producer) {
   for (std::size_t i = 0; i < count; ++i) {
     const json& event = events[i];
     const auto type = event.is_object() ? event.find("type") : event.end();
@@ -1146,6 +1368,10 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count) 
 
   std::unique_lock<std::mutex> lock(ch.mu);
   if (ch.cancelled) return false;
+  if (from_producer && !ch.producer_spoke && count > 0) {
+    ch.producer_spoke = true;
+    metrics_.first_event.observe(Clock::now() - ch.opened);
+  }
   if (ch.kind == ChannelKind::collect) {
     Channel::Leftovers left;
     for (std::size_t i = 0; i < count && !ch.ended; ++i) {
@@ -1157,6 +1383,7 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count) 
         ch.collected += content->get_ref<const std::string&>();
       }
       if (kind == "error") {
+        ch.errored = true;
         const auto message = event.find("error");
         ch.error = message != event.end() && message->is_string()
                        ? message->get<std::string>()
@@ -1191,7 +1418,10 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count) 
     ++ch.events;
     ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
     if (is_error || is_done) {
-      if (is_error) bytes += ch.tail_locked(std::nullopt);
+      if (is_error) {
+        ch.errored = true;
+        bytes += ch.tail_locked(std::nullopt);
+      }
       if (is_done && ch.format.chunked) bytes.append(kLastChunk);
       left = ch.end_locked();
       break;
@@ -1214,6 +1444,7 @@ inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
 inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional<json>& error,
                                                 Channel::Leftovers& left) {
   const bool was_open = !ch.ended && !ch.closed;
+  if (was_open && error) ch.errored = true;
   if (ch.kind == ChannelKind::collect && was_open && error) {
     const auto message = error->find("error");
     ch.error = message != error->end() && message->is_string() ? message->get<std::string>()
@@ -1514,13 +1745,437 @@ class WorkerPool final : public httplib::TaskQueue {
 };
 
 // ===========================================================================
+// Status file
+// ===========================================================================
+
+// The server's entry in DIR/.agentsmithy/status.json. Lifecycle:
+//
+//   claim(port)  at start, before binding; a refusal (another live server for
+//                DIR) comes back as the message to log before exiting 1
+//   ready(port)  once accepting connections
+//   stopping()   when the shutdown starts
+//   stopped()    when listen() is about to return
+//   error(why)   instead of ready when the server cannot start (bind failed)
+//
+// Thread-safe; nothing throws. A write that fails is logged (warning) and
+// reported as false: the server keeps serving without its status file.
+class StatusFile {
+ public:
+  // `log` may be empty (nothing is logged).
+  explicit StatusFile(std::string workdir, Logger log = {});
+  ~StatusFile();
+  StatusFile(const StatusFile&) = delete;
+  StatusFile& operator=(const StatusFile&) = delete;
+
+  // Reads the current status (a missing or corrupt file counts as empty).
+  // A server_pid that is dead (kill(pid, 0) gives ESRCH) while the status says
+  // starting, ready or stopping is first marked crashed. If a live other
+  // process (or another claimed StatusFile in this process) is starting, ready
+  // or stopping for DIR, returns "another server is running for DIR on port P
+  // (pid N)" and this object writes nothing, ever. Otherwise writes starting
+  // with our pid, `port` when already known, server_started_at, and returns
+  // nullopt (also when that write failed: the failure is logged).
+  std::optional<std::string> claim(std::optional<int> port = std::nullopt);
+
+  // Each returns whether the file was written. They write nothing after a
+  // refused claim, nor over a status that names another live running server.
+  bool ready(int port);
+  bool stopping();
+  bool stopped();
+  bool error(const std::string& message);
+
+  const std::string& path() const { return path_; }
+  bool claimed() const;
+
+  // The statuses in which a server_pid is considered to hold the directory.
+  static bool running_state(const json& status);
+  // kill(pid, 0) != ESRCH, for a pid that is a positive pid_t.
+  static bool pid_alive(long long pid);
+  // datetime.now(UTC).isoformat(): 2026-11-25T10:00:00.123456+00:00
+  static std::string iso_now();
+
+ private:
+  // Holds an exclusive flock on the lock file while alive (best effort: if
+  // the lock file cannot be opened, the in-process mutex still serialises).
+  class FileLock {
+   public:
+    explicit FileLock(const std::string& path);
+    ~FileLock();
+    FileLock(const FileLock&) = delete;
+    FileLock& operator=(const FileLock&) = delete;
+
+   private:
+    int fd_ = -1;
+  };
+
+  void warn(const std::string& message) const;
+  void info(const std::string& message) const;
+  bool ensure_dir();
+  json read(bool* corrupt = nullptr) const;
+  bool write(const json& doc);
+  // The message naming the server that holds DIR, if `doc` names one other
+  // than us.
+  std::optional<std::string> held_by_other(const json& doc) const;
+  // The read-modify-write shared by ready/stopping/stopped/error.
+  template <class Change>
+  bool update(const char* what, Change&& change);
+  void release_registration();
+
+  static std::mutex& registry_mutex();
+  static std::set<std::string>& registry();  // canonical workdirs claimed in this process
+
+  const std::string workdir_;
+  const std::string dir_;   // workdir_/.agentsmithy
+  const std::string path_;  // dir_/status.json
+  const std::string lock_path_;
+  const Logger log_;
+  const long long pid_;
+  mutable std::mutex mu_;
+  bool claimed_ = false;  // guarded by mu_
+  bool refused_ = false;  // guarded by mu_
+  std::string registered_;  // the registry key we hold, if any; guarded by mu_
+  unsigned long tmp_counter_ = 0;  // guarded by mu_
+};
+
+// ---------------------------------------------------------------------------
+
+inline StatusFile::StatusFile(std::string workdir, Logger log)
+    : workdir_(workdir.empty() ? std::string(".") : std::move(workdir)),
+      dir_(workdir_ + "/.agentsmithy"),
+      path_(dir_ + "/status.json"),
+      lock_path_(path_ + ".lock"),
+      log_(std::move(log)),
+      pid_(static_cast<long long>(::getpid())) {}
+
+inline StatusFile::~StatusFile() {
+  std::lock_guard<std::mutex> lock(mu_);
+  release_registration();
+}
+
+inline std::mutex& StatusFile::registry_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+inline std::set<std::string>& StatusFile::registry() {
+  static std::set<std::string> claimed;
+  return claimed;
+}
+
+inline void StatusFile::release_registration() {
+  if (registered_.empty()) return;
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry().erase(registered_);
+  registered_.clear();
+}
+
+inline bool StatusFile::claimed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return claimed_;
+}
+
+inline void StatusFile::warn(const std::string& message) const {
+  if (!log_) return;
+  try {
+    log_(LogLevel::warning, message);
+  } catch (...) {
+  }
+}
+
+inline void StatusFile::info(const std::string& message) const {
+  if (!log_) return;
+  try {
+    log_(LogLevel::info, message);
+  } catch (...) {
+  }
+}
+
+inline bool StatusFile::running_state(const json& status) {
+  const auto it = status.find("server_status");
+  if (it == status.end() || !it->is_string()) return false;
+  const auto& s = it->get_ref<const std::string&>();
+  return s == "starting" || s == "ready" || s == "stopping";
+}
+
+inline bool StatusFile::pid_alive(long long pid) {
+  // kill(0) and kill(-n) address process groups: never a server's pid.
+  if (pid <= 0 || pid > static_cast<long long>(INT_MAX)) return false;
+  if (::kill(static_cast<pid_t>(pid), 0) == 0) return true;
+  return errno != ESRCH;  // EPERM: alive, owned by another user
+}
+
+inline std::string StatusFile::iso_now() {
+  const auto now = std::chrono::system_clock::now();
+  const auto us =
+      std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
+  const std::time_t secs = static_cast<std::time_t>(us / 1000000);
+  std::tm tm{};
+  ::gmtime_r(&secs, &tm);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00", tm.tm_year + 1900,
+                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                static_cast<int>(us % 1000000));
+  return buf;
+}
+
+inline StatusFile::FileLock::FileLock(const std::string& path) {
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd_ < 0) return;
+  while (::flock(fd_, LOCK_EX) != 0) {
+    if (errno != EINTR) {
+      ::close(fd_);
+      fd_ = -1;
+      return;
+    }
+  }
+}
+
+inline StatusFile::FileLock::~FileLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+inline bool StatusFile::ensure_dir() {
+  if (::mkdir(dir_.c_str(), 0777) == 0 || errno == EEXIST) return true;
+  warn("status file: cannot create " + dir_ + ": " + std::strerror(errno));
+  return false;
+}
+
+inline json StatusFile::read(bool* corrupt) const {
+  if (corrupt) *corrupt = false;
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return json::object();  // missing (or unreadable): nothing to keep
+  std::string text;
+  char buf[8192];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0) {
+      text.append(buf, static_cast<std::size_t>(n));
+      if (text.size() > (1u << 20)) break;  // not ours; a status is a few hundred bytes
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    break;
+  }
+  ::close(fd);
+  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_object()) return doc;
+  if (corrupt) *corrupt = true;
+  return json::object();
+}
+
+inline bool StatusFile::write(const json& doc) {
+  if (!ensure_dir()) return false;
+  const std::string text = doc.dump(2, ' ', false, json::error_handler_t::replace) + "\n";
+  // A name no other writer uses: our pid and a counter; O_EXCL skips one that
+  // a dead process with our pid left behind.
+  std::string tmp;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    tmp = path_ + "." + std::to_string(pid_) + "." + std::to_string(++tmp_counter_) + ".tmp";
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) break;
+  }
+  if (fd < 0) {
+    warn("status file: cannot create a temporary file next to " + path_ + ": " +
+         std::strerror(errno));
+    return false;
+  }
+  const char* failed = nullptr;
+  int failed_errno = 0;
+  for (std::size_t off = 0; off < text.size();) {
+    const ssize_t n = ::write(fd, text.data() + off, text.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      failed = "write";
+      failed_errno = n < 0 ? errno : EIO;
+      break;
+    }
+    off += static_cast<std::size_t>(n);
+  }
+  if (!failed && ::fsync(fd) != 0) {
+    failed = "fsync";
+    failed_errno = errno;
+  }
+  if (::close(fd) != 0 && !failed) {
+    failed = "close";
+    failed_errno = errno;
+  }
+  if (!failed && ::rename(tmp.c_str(), path_.c_str()) != 0) {
+    failed = "rename";
+    failed_errno = errno;
+  }
+  if (failed) {
+    ::unlink(tmp.c_str());
+    warn(std::string("status file: ") + failed + " failed for " + path_ + ": " +
+         std::strerror(failed_errno));
+    return false;
+  }
+  // The rename itself reaches the disk with the directory.
+  const int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);
+    ::close(dfd);
+  }
+  return true;
+}
+
+inline std::optional<std::string> StatusFile::held_by_other(const json& doc) const {
+  const auto pid_it = doc.find("server_pid");
+  if (pid_it == doc.end() || !pid_it->is_number_integer() || !running_state(doc)) return {};
+  const long long pid = pid_it->get<long long>();
+  if (pid == pid_ || !pid_alive(pid)) return {};
+  std::string port = "unknown";
+  const auto port_it = doc.find("port");
+  if (port_it != doc.end() && port_it->is_number_integer()) {
+    port = std::to_string(port_it->get<long long>());
+  }
+  return "another server is running for " + workdir_ + " on port " + port + " (pid " +
+         std::to_string(pid) + ")";
+}
+
+inline std::optional<std::string> StatusFile::claim(std::optional<int> port) {
+  try {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (refused_) return std::string("status file: claim refused earlier");
+    if (claimed_) return {};
+    // One claim per directory in this process, too (two Servers, one DIR).
+    char resolved[PATH_MAX];
+    const std::string key =
+        ::realpath(workdir_.c_str(), resolved) ? std::string(resolved) : workdir_;
+    {
+      std::lock_guard<std::mutex> reg(registry_mutex());
+      if (registry().count(key) != 0) {
+        refused_ = true;
+        return "another server is running for " + workdir_ + " in this process (pid " +
+               std::to_string(pid_) + ")";
+      }
+      registry().insert(key);
+      registered_ = key;
+    }
+    ensure_dir();
+    FileLock file_lock(lock_path_);
+    bool corrupt = false;
+    json doc = read(&corrupt);
+    if (corrupt) warn("status file: " + path_ + " is not a JSON object; starting it afresh");
+
+    if (auto other = held_by_other(doc)) {
+      refused_ = true;
+      release_registration();
+      return other;
+    }
+    const auto pid_it = doc.find("server_pid");
+    if (pid_it != doc.end() && pid_it->is_number_integer() && running_state(doc)) {
+      // Dead, or our own pid left by an earlier process (pid reuse): crashed.
+      const std::string old_pid = std::to_string(pid_it->get<long long>());
+      const std::string old_status = doc["server_status"].get<std::string>();
+      doc["server_status"] = "crashed";
+      doc["server_updated_at"] = iso_now();
+      doc["server_error"] = "Server process (pid " + old_pid +
+                            ") terminated unexpectedly while in '" + old_status + "' state";
+      doc.erase("server_pid");
+      doc.erase("port");
+      write(doc);
+      info("status file: the previous server (pid " + old_pid + ", " + old_status +
+           ") is gone; marked crashed");
+    }
+
+    const std::string now = iso_now();
+    doc["server_status"] = "starting";
+    doc["server_pid"] = pid_;
+    if (port && *port > 0) {
+      doc["port"] = *port;
+    } else {
+      doc.erase("port");
+    }
+    doc["server_started_at"] = now;
+    doc["server_updated_at"] = now;
+    doc.erase("server_error");
+    claimed_ = true;
+    write(doc);
+    return {};
+  } catch (const std::exception& e) {
+    warn(std::string("status file: claim failed: ") + e.what());
+  } catch (...) {
+    warn("status file: claim failed");
+  }
+  return {};
+}
+
+template <class Change>
+bool StatusFile::update(const char* what, Change&& change) {
+  try {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (refused_) return false;
+    ensure_dir();
+    FileLock file_lock(lock_path_);
+    json doc = read();
+    if (auto other = held_by_other(doc)) {
+      warn(std::string("status file: not writing ") + what + ": " + *other);
+      return false;
+    }
+    doc["server_updated_at"] = iso_now();
+    change(doc);
+    return write(doc);
+  } catch (const std::exception& e) {
+    warn(std::string("status file: writing ") + what + " failed: " + e.what());
+  } catch (...) {
+    warn(std::string("status file: writing ") + what + " failed");
+  }
+  return false;
+}
+
+inline bool StatusFile::ready(int port) {
+  return update("ready", [&](json& doc) {
+    doc["server_status"] = "ready";
+    doc["server_pid"] = pid_;
+    doc["port"] = port;
+    doc.erase("server_error");
+  });
+}
+
+inline bool StatusFile::stopping() {
+  return update("stopping", [&](json& doc) {
+    doc["server_status"] = "stopping";
+    doc.erase("server_error");
+  });
+}
+
+inline bool StatusFile::stopped() {
+  const bool ok = update("stopped", [&](json& doc) {
+    doc["server_status"] = "stopped";
+    doc.erase("server_pid");
+    doc.erase("port");
+    doc.erase("server_started_at");
+    doc.erase("server_error");
+  });
+  std::lock_guard<std::mutex> lock(mu_);
+  release_registration();  // the directory is free for another Server here
+  claimed_ = false;
+  return ok;
+}
+
+inline bool StatusFile::error(const std::string& message) {
+  const bool ok = update("error", [&](json& doc) {
+    doc["server_status"] = "error";
+    doc.erase("server_pid");
+    doc.erase("port");
+    doc["server_error"] = message;
+  });
+  std::lock_guard<std::mutex> lock(mu_);
+  release_registration();
+  claimed_ = false;
+  return ok;
+}
+
+// ===========================================================================
 // Core: the state a Server shares with every thread it starts
 // ===========================================================================
 
 // Threads that may outlive the Server object (a generator that ignores
 // cancellation) hold a shared_ptr to this, so nothing they touch is freed.
 struct Core {
-  explicit Core(Options opts) : options(std::move(opts)), hub(options, [this] { changed(); }) {
+  explicit Core(Options opts)
+      : options(std::move(opts)), hub(options, metrics, [this] { changed(); }) {
     wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd < 0) throw std::system_error(errno, std::generic_category());
   }
@@ -1538,20 +2193,34 @@ struct Core {
     cv.notify_all();
   }
 
-  void request_shutdown() {
+  // The shutdown starts (the lame duck, if any, then the drain). `cause` is
+  // recorded for the report by whoever asks first.
+  void request_shutdown(ShutdownReport::Cause cause = ShutdownReport::Cause::shutdown) {
     if (!stopping.exchange(true)) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        report.cause = cause;
+        report.started = std::chrono::system_clock::now();
+      }
       log(LogLevel::info, "shutdown requested");
-      // Level-triggered and never drained: every idle keep-alive wait wakes.
-      const std::uint64_t one = 1;
-      const ssize_t w = ::write(wake_fd, &one, sizeof one);
-      (void)w;
     }
     changed();
   }
 
   void request_force() {
     forced = true;
-    request_shutdown();
+    request_shutdown(ShutdownReport::Cause::forced);
+  }
+
+  // The drain begins: new chats and host routes get 503, and every idle
+  // keep-alive connection closes.
+  void begin_drain() {
+    draining = true;
+    metrics.state = Lifecycle::draining;
+    // Level-triggered and never drained: every idle keep-alive wait wakes.
+    const std::uint64_t one = 1;
+    const ssize_t w = ::write(wake_fd, &one, sizeof one);
+    (void)w;
   }
 
   bool try_admit() {
@@ -1616,8 +2285,15 @@ struct Core {
   enum class State { idle, ready, failed, stopped };
 
   const Options options;
-  std::atomic<bool> stopping{false};
+  std::atomic<bool> stopping{false};  // the shutdown was asked for
+  std::atomic<bool> draining{false};  // ... and the lame duck is over
   std::atomic<bool> forced{false};
+  std::atomic<std::size_t> refused{0};           // 503s while draining
+  std::atomic<std::size_t> idle_closed{0};       // keep-alive connections closed by the drain
+  Metrics metrics;                               // before `hub`, which reports to it
+  std::optional<StatusFile> status;              // Options::status_file
+  ShutdownReport report;                         // guarded by mu
+  std::optional<ShutdownReport> final_report;    // guarded by mu
   std::atomic<std::size_t> admitted{0};
   std::atomic<std::size_t> connections{0};
   std::atomic<int> port{0};
@@ -1628,6 +2304,11 @@ struct Core {
   State state = State::idle;                 // guarded by mu
   bool listen_called = false;                // guarded by mu
   std::vector<std::function<void()>> hooks;  // guarded by mu
+  struct HostRoute {
+    std::string method, path;
+    RouteHandler handler;
+  };
+  std::vector<HostRoute> routes;  // guarded by mu
 
   std::mutex producer_mu;
   Producer producer;    // guarded by producer_mu
@@ -1894,13 +2575,18 @@ class HttpFrontend final : public httplib::Server {
   static constexpr std::size_t kMaxRequestsPerConnection = 100;
 
   bool process_and_close_socket(socket_t sock) override;
-  bool wait_for_request(const Core& core, const SocketStream& stream, bool first) const;
+  bool wait_for_request(Core& core, const SocketStream& stream, bool first) const;
   HandlerResponse guard(const httplib::Request& req, httplib::Response& res);
   std::optional<std::string> allowed_origin(const httplib::Request& req) const;
   void handle_chat(const httplib::Request& req, httplib::Response& res);
+  void handle_chat_get(const httplib::Request& req, httplib::Response& res);
+  void admit_chat(const httplib::Request& req, httplib::Response& res, ChatRequest request,
+                  StreamFormat format);
   void handle_health(const httplib::Request& req, httplib::Response& res);
+  void handle_metrics(const httplib::Request& req, httplib::Response& res);
+  std::string route_label(const httplib::Request& req) const;
   static void close_after_response(httplib::Response& res);
-  static void respond_shutting_down(httplib::Response& res);
+  void respond_shutting_down(httplib::Response& res);
 
   static void produce(const std::shared_ptr<Core>& core, const ChatJob& job,
                       const std::shared_ptr<Channel>& ch);
@@ -1908,6 +2594,7 @@ class HttpFrontend final : public httplib::Server {
   static void run_collect(const std::shared_ptr<Core>& core, SocketStream& stream, ChatJob job);
 
   std::shared_ptr<Core> core_;
+  std::vector<std::pair<std::string, std::regex>> host_paths_;  // for route labels
   int listen_fd_ = -1;
 };
 
@@ -1958,19 +2645,69 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
       res.set_header("Vary", "Origin");
     }
   });
+  // Called once a request is answered (a stream: once its head is due).
+  set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+    core_->metrics.count_request(route_label(req), res.status);
+  });
   Post("/api/chat",
        [this](const httplib::Request& req, httplib::Response& res) { handle_chat(req, res); });
+  Get("/api/chat",
+      [this](const httplib::Request& req, httplib::Response& res) { handle_chat_get(req, res); });
   Get("/health",
       [this](const httplib::Request& req, httplib::Response& res) { handle_health(req, res); });
+  Get("/metrics",
+      [this](const httplib::Request& req, httplib::Response& res) { handle_metrics(req, res); });
+  std::vector<Core::HostRoute> routes;
+  {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    routes = core_->routes;
+  }
+  for (Core::HostRoute& r : routes) {
+    host_paths_.emplace_back(r.path, std::regex(r.path));
+    auto handler = [this, h = std::move(r.handler)](const httplib::Request& req,
+                                                    httplib::Response& res) {
+      if (core_->draining) return respond_shutting_down(res);
+      h(req, res);
+    };
+    if (r.method == "GET") Get(r.path, std::move(handler));
+    if (r.method == "POST") Post(r.path, std::move(handler));
+    if (r.method == "PUT") Put(r.path, std::move(handler));
+    if (r.method == "PATCH") Patch(r.path, std::move(handler));
+    if (r.method == "DELETE") Delete(r.path, std::move(handler));
+  }
+}
+
+inline std::string HttpFrontend::route_label(const httplib::Request& req) const {
+  for (const char* known : {"/api/chat", "/health", "/metrics"}) {
+    if (req.path == known) return known;
+  }
+  for (const auto& [path, pattern] : host_paths_) {
+    if (std::regex_match(req.path, pattern)) return path;
+  }
+  return "other";
 }
 
 inline int HttpFrontend::bind(std::string& why) {
   const agentsmithy::Options& o = core_->options;
-  errno = 0;
-  const int port =
-      o.port == 0 ? bind_to_any_port(o.host) : (bind_to_port(o.host, o.port) ? o.port : -1);
+  int port = -1;
+  if (o.port == 0) {
+    errno = 0;
+    port = bind_to_any_port(o.host);
+    if (port < 0) why = errno != 0 ? std::strerror(errno) : "address not available";
+  }
+  const int attempts = o.port == 0 ? 0 : std::max(1, o.port_attempts);
+  for (int i = 0; i < attempts && port < 0 && o.port + i <= 65535; ++i) {
+    errno = 0;
+    if (bind_to_port(o.host, o.port + i)) {
+      port = o.port + i;
+      break;
+    }
+    const int err = errno;
+    if (i == 0) why = err != 0 ? std::strerror(err) : "address not available";
+    if (err != EADDRINUSE) break;  // another port would not help
+  }
   if (port < 0) {
-    why = errno != 0 ? std::strerror(errno) : "address not available";
+    if (attempts > 1) why += " (and the next " + std::to_string(attempts - 1) + " ports)";
     return -1;
   }
   listen_fd_ = svr_sock_;
@@ -1992,7 +2729,7 @@ inline void HttpFrontend::close_listener() {
   listen_fd_ = -1;
 }
 
-inline bool HttpFrontend::wait_for_request(const Core& core, const SocketStream& stream,
+inline bool HttpFrontend::wait_for_request(Core& core, const SocketStream& stream,
                                            bool first) const {
   if (stream.buffered() > 0) return true;  // a pipelined request
   // On shutdown an idle keep-alive connection is closed at once; a new one
@@ -2010,7 +2747,10 @@ inline bool HttpFrontend::wait_for_request(const Core& core, const SocketStream&
   };
   if (poll_for(2, timeout) <= 0) return false;
   if (fds[0].revents != 0) return true;
-  if (!first) return false;
+  if (!first) {
+    ++core.idle_closed;
+    return false;
+  }
   return poll_for(1, std::min(timeout, kFirstRequestGrace)) > 0;
 }
 
@@ -2027,7 +2767,7 @@ inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
   for (std::size_t served = 0; served < kMaxRequestsPerConnection; ++served) {
     if (!wait_for_request(*core, stream, served == 0)) break;
     stream.begin_request();
-    conn.close_announced = core->stopping || served + 1 == kMaxRequestsPerConnection;
+    conn.close_announced = core->draining || served + 1 == kMaxRequestsPerConnection;
     bool client_closes = false;
     const bool ok = process_request(stream, conn.close_announced, client_closes, nullptr);
     if (conn.chat || !ok || client_closes || conn.close_announced || conn.close_after ||
@@ -2055,6 +2795,7 @@ inline void HttpFrontend::close_after_response(httplib::Response& res) {
 }
 
 inline void HttpFrontend::respond_shutting_down(httplib::Response& res) {
+  ++core_->refused;
   res.status = 503;
   res.set_header("Retry-After", "1");
   close_after_response(res);
@@ -2099,31 +2840,99 @@ inline httplib::Server::HandlerResponse HttpFrontend::guard(const httplib::Reque
     }
     return HandlerResponse::Handled;
   }
-  if (!o.auth_token.empty() && req.path.rfind("/api/", 0) == 0 &&
-      !constant_time_equal(req.get_header_value("Authorization"), "Bearer " + o.auth_token)) {
-    res.set_header("WWW-Authenticate", "Bearer");
-    return reject(401, "Missing or invalid bearer token");
+  if (!o.auth_token.empty() && req.path.rfind("/api/", 0) == 0) {
+    bool ok = constant_time_equal(req.get_header_value("Authorization"), "Bearer " + o.auth_token);
+    // EventSource cannot send headers: the GET chat route (only) also takes
+    // the token as ?access_token= (RFC 6750 2.3). The server never logs a
+    // request's URL, and the stream answer says Referrer-Policy: no-referrer.
+    if (!ok && req.method == "GET" && req.path == "/api/chat" && req.has_param("access_token")) {
+      ok = constant_time_equal(req.get_param_value("access_token"), o.auth_token);
+    }
+    if (!ok) {
+      res.set_header("WWW-Authenticate", "Bearer");
+      return reject(401, "Missing or invalid bearer token");
+    }
   }
   return HandlerResponse::Unhandled;
 }
 
 inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Response& res) {
-  Core& core = *core_;
-  if (core.stopping) return respond_shutting_down(res);
+  if (core_->draining) {
+    core_->metrics.count_end(Outcome::rejected_stopping);
+    return respond_shutting_down(res);
+  }
   ChatRequest request;
   if (const auto error = parse_chat_request(req.body, request)) {
     res.status = error->status;
     res.set_content(error_body(error->message), "application/json");
     return;
   }
+  admit_chat(req, res, std::move(request), StreamFormat{req.version != "HTTP/1.0", false});
+}
+
+// GET /api/chat?message=TEXT[&dialog_id=ID][&context=JSON]: the stream POST
+// answers for {"messages":[{"role":"user","content":TEXT}],"stream":true},
+// for EventSource, with an `id:` line per event.
+inline void HttpFrontend::handle_chat_get(const httplib::Request& req, httplib::Response& res) {
+  if (core_->draining) {
+    core_->metrics.count_end(Outcome::rejected_stopping);
+    return respond_shutting_down(res);
+  }
+  // An EventSource reconnecting after its stream ended: 204 tells it to stop,
+  // and the answer is never generated twice.
+  if (req.has_header("Last-Event-ID")) {
+    res.status = 204;
+    return;
+  }
+  json body = {{"stream", true}};
+  if (!req.has_param("message")) {
+    res.status = 422;
+    res.set_content(error_body("message: query parameter required"), "application/json");
+    return;
+  }
+  body["messages"] = json::array({{{"role", "user"}, {"content", req.get_param_value("message")}}});
+  if (req.has_param("dialog_id")) body["dialog_id"] = req.get_param_value("dialog_id");
+  if (req.has_param("context")) {
+    // Bounded and checked like a POST body's JSON, and reported against the
+    // parameter.
+    const std::string context = req.get_param_value("context");
+    if (json_nesting_depth(context) > kMaxJsonDepth || context.find('\0') != std::string::npos) {
+      res.status = 400;
+      res.set_content(error_body("context: Invalid JSON: too deep or contains a NUL byte"),
+                      "application/json");
+      return;
+    }
+    try {
+      body["context"] = json::parse(context);
+    } catch (const json::exception& e) {
+      res.status = 400;
+      res.set_content(error_body(std::string("context: Invalid JSON: ") + e.what()),
+                      "application/json");
+      return;
+    }
+  }
+  const std::string text = dump_json(body);
+  ChatRequest request;
+  if (const auto error = parse_chat_request(text, request)) {
+    res.status = error->status;
+    res.set_content(error_body(error->message), "application/json");
+    return;
+  }
+  admit_chat(req, res, std::move(request), StreamFormat{req.version != "HTTP/1.0", true});
+}
+
+inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Response& res,
+                                     ChatRequest request, StreamFormat format) {
+  Core& core = *core_;
   if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
   if (!core.try_admit()) {
+    core.metrics.count_end(Outcome::rejected_capacity);
     core.log(LogLevel::warning, "at capacity (" + std::to_string(core.options.max_streams) +
                                     " streams): answering 503");
     res.status = 503;
     res.set_header("Retry-After", "1");
     res.set_content(error_body("Too many concurrent streams (max " +
-                               std::to_string(core.options.max_streams) + ")",
+                                   std::to_string(core.options.max_streams) + ")",
                                "capacity"),
                     "application/json");
     return;
@@ -2135,21 +2944,30 @@ inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Resp
   if (const auto origin = allowed_origin(req)) {
     extra_headers = "Access-Control-Allow-Origin: " + *origin + "\r\nVary: Origin\r\n";
   }
+  if (format.event_ids) extra_headers += "Referrer-Policy: no-referrer\r\n";
   t_connection->chat.emplace(ChatJob{std::move(request), core.current_producer(),
-                                     std::move(admission), StreamFormat{}, std::move(extra_headers)});
+                                     std::move(admission), format, std::move(extra_headers)});
 }
 
 inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
   const Core& core = *core_;
   const bool stopping = core.stopping;
+  const auto& errors = core.options.config_errors;
   const json body = {{"status", "ok"},
                      {"service", "agentsmithy-server"},
                      {"server_status", stopping ? "stopping" : "ready"},
                      {"pid", static_cast<long>(::getpid())},
                      {"port", core.port.load()},
-                     {"active_streams", core.hub.active()}};
+                     {"active_streams", core.hub.active()},
+                     {"config_valid", errors.empty()},
+                     {"config_errors", errors.empty() ? json(nullptr) : json(errors)},
+                     {"ide", core.options.ide.empty() ? json(nullptr) : json(core.options.ide)}};
   res.status = stopping ? 503 : 200;
   res.set_content(dump_json(body), "application/json");
+}
+
+inline void HttpFrontend::handle_metrics(const httplib::Request&, httplib::Response& res) {
+  res.set_content(core_->metrics.render(core_->hub.active()), "text/plain; version=0.0.4");
 }
 
 // Runs the producer for one chat request: a generator on this thread until it
@@ -2197,6 +3015,14 @@ inline void HttpFrontend::run_stream(const std::shared_ptr<Core>& core, int fd, 
                                         stream_response_head(job.format.chunked, job.extra_headers),
                                         std::make_shared<Admission>(std::move(job.admission)));
   core->log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
+  if (core->options.user_event) {
+    std::string query;
+    for (const Message& m : job.request.messages) {
+      if (m.role == "user") query = m.content;
+    }
+    const json user{{"type", "user"}, {"content", query}};
+    core->hub.send(*ch, &user, 1, false);
+  }
   produce(core, job, ch);
 }
 
@@ -2462,6 +3288,11 @@ inline std::size_t ChatService::active_streams() const { return core_.hub.active
 
 inline bool ChatService::is_shutting_down() const { return core_.stopping.load(); }
 
+inline std::optional<ShutdownReport> Server::shutdown_report() const {
+  std::lock_guard<std::mutex> lock(core_->mu);
+  return core_->final_report;
+}
+
 inline Server::Server(Options options)
     : core_(std::make_shared<detail::Core>(std::move(options))), chat_service_(*core_) {}
 
@@ -2497,10 +3328,36 @@ inline void size_futex_hash(std::size_t threads) {
   }
 }
 
+// The report as one JSON object, durations in milliseconds.
+inline nlohmann::json report_json(const ShutdownReport& r) {
+  const char* cause = r.cause == ShutdownReport::Cause::signal     ? "signal"
+                      : r.cause == ShutdownReport::Cause::forced ? "forced"
+                                                                   : "shutdown";
+  const std::time_t t = std::chrono::system_clock::to_time_t(r.started);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char started[32];
+  std::strftime(started, sizeof started, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return {{"started_at", started},
+          {"cause", cause},
+          {"forced", r.forced},
+          {"lame_duck_ms", r.lame_duck.count()},
+          {"drain_ms", r.drain.count()},
+          {"last_done_ms", r.last_done.count()},
+          {"streams_notified", r.streams_notified},
+          {"streams_ended_in_grace", r.streams_ended_in_grace},
+          {"streams_cut", r.streams_cut},
+          {"clients_gone", r.clients_gone},
+          {"generators_running", r.generators_running},
+          {"idle_connections_closed", r.idle_connections_closed},
+          {"requests_refused", r.requests_refused}};
+}
+
 }  // namespace detail
 
 inline bool Server::listen() {
   using State = detail::Core::State;
+  using detail::Clock;
   const std::shared_ptr<detail::Core> core = core_;
   const Options& o = core->options;
   {
@@ -2511,6 +3368,19 @@ inline bool Server::listen() {
     }
     core->listen_called = true;
   }
+  if (o.status_file) {
+    core->status.emplace(o.workdir, [core](LogLevel level, const std::string& message) {
+      core->log(level, message);
+    });
+    if (const auto refused = core->status->claim(
+            o.port_attempts > 1 || o.port == 0 ? std::nullopt : std::optional<int>(o.port))) {
+      core->log(LogLevel::error, "cannot start: " + *refused);
+      std::lock_guard<std::mutex> lock(core->mu);
+      core->state = State::failed;
+      core->cv.notify_all();
+      return false;
+    }
+  }
   const auto set_state = [&](State state) {
     {
       std::lock_guard<std::mutex> lock(core->mu);
@@ -2518,13 +3388,23 @@ inline bool Server::listen() {
     }
     core->cv.notify_all();
   };
+  const auto wait_for = [&](auto&& pred, std::optional<Clock::time_point> until) {
+    std::unique_lock<std::mutex> lock(core->mu);
+    if (!until) {
+      core->cv.wait(lock, pred);
+      return true;
+    }
+    return core->cv.wait_until(lock, *until, pred);
+  };
 
   detail::HttpFrontend http(core);
   std::string why;
   const int port = http.bind(why);
   if (port < 0) {
-    core->log(LogLevel::error,
-              "cannot listen on " + o.host + ":" + std::to_string(o.port) + ": " + why);
+    const std::string message =
+        "cannot listen on " + o.host + ":" + std::to_string(o.port) + ": " + why;
+    core->log(LogLevel::error, message);
+    if (core->status) core->status->error(message);
     set_state(State::failed);
     return false;
   }
@@ -2537,36 +3417,64 @@ inline bool Server::listen() {
       core->request_shutdown();
     }
   });
+  core->metrics.state = detail::Lifecycle::ready;
+  if (core->status) core->status->ready(port);
   set_state(State::ready);
   core->log(LogLevel::info, "ready on " + o.host + ":" + std::to_string(port));
 
+  // 1. Wait for the shutdown to be asked for.
+  wait_for([&] { return core->stopping.load(); }, std::nullopt);
+  const auto started = Clock::now();
+  if (core->status) core->status->stopping();
+  ShutdownReport report;
   {
-    std::unique_lock<std::mutex> lock(core->mu);
-    core->cv.wait(lock, [&] { return core->stopping.load(); });
+    std::lock_guard<std::mutex> lock(core->mu);
+    report = core->report;
   }
-  const auto started = detail::Clock::now();
+  // 2. The lame duck: /health says 503 "stopping", everything else is served.
+  if (o.lame_duck.count() > 0 && !core->forced) {
+    core->metrics.state = detail::Lifecycle::lame_duck;
+    core->log(LogLevel::info, "lame duck for " + std::to_string(o.lame_duck.count()) +
+                                  " ms: /health answers 503, streams go on");
+    wait_for([&] { return core->forced.load(); }, started + o.lame_duck);
+  }
+  report.lame_duck = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+  // 3. The drain: refuse new work, close idle connections, end every stream.
+  const auto drain_started = Clock::now();
+  report.clients_gone = core->admitted.load() > core->hub.active()
+                            ? core->admitted.load() - core->hub.active()
+                            : 0;
+  core->begin_drain();
   core->demote_generator_threads();
   const std::size_t notified = core->hub.end_all_for_shutdown();
+  report.last_done =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
   core->log(LogLevel::info,
             std::to_string(notified) + (notified == 1 ? " stream" : " streams") + " notified");
-  bool drained;
-  {
-    std::unique_lock<std::mutex> lock(core->mu);
-    drained = core->cv.wait_until(lock, started + o.grace_period,
-                                  [&] { return core->forced.load() || core->drained(); });
-    drained = drained && !core->forced;
-  }
+  // 4. Wait for the streams, their producers and open requests, up to the
+  // grace period; then close what is left.
+  bool drained = wait_for([&] { return core->forced.load() || core->drained(); },
+                          drain_started + o.grace_period);
+  drained = drained && !core->forced;
+  const std::size_t still_running = std::min(core->admitted.load(), notified);
+  report.streams_notified = notified;
+  report.streams_ended_in_grace = notified - still_running;
   if (drained) {
-    core->log(LogLevel::info, "drained in " + std::to_string(detail::elapsed_ms(started)) + " ms");
+    core->log(LogLevel::info,
+              "drained in " + std::to_string(detail::elapsed_ms(drain_started)) + " ms");
   } else {
     const std::size_t generators = core->admitted.load();
-    const std::size_t closed = core->hub.close_all() + core->shut_down_connections();
-    core->log(LogLevel::warning, std::string(core->forced ? "forced" : "grace period over") +
-                                     " after " + std::to_string(detail::elapsed_ms(started)) +
-                                     " ms: closed " + std::to_string(closed) + " connections; " +
-                                     std::to_string(generators) +
-                                     " generators still running are left to finish on their own");
+    report.streams_cut = core->hub.close_all() + core->shut_down_connections();
+    core->log(LogLevel::warning,
+              std::string(core->forced ? "forced" : "grace period over") + " after " +
+                  std::to_string(detail::elapsed_ms(drain_started)) + " ms: closed " +
+                  std::to_string(report.streams_cut) + " connections; " +
+                  std::to_string(generators) +
+                  " generators still running are left to finish on their own");
   }
+  report.forced = core->forced;
+  report.drain = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() -
+                                                                        drain_started);
   http.stop_accepting();
   acceptor.join();
   http.close_listener();
@@ -2587,7 +3495,21 @@ inline bool Server::listen() {
       core->log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw");
     }
   }
+  report.generators_running = core->admitted.load();
+  report.idle_connections_closed = core->idle_closed.load();
+  report.requests_refused = core->refused.load();
+  core->metrics.drain_ms = report.drain.count();
+  core->metrics.drain_notified = report.streams_notified;
+  core->metrics.drain_closed = report.streams_cut;
+  core->metrics.drained_once = true;
+  core->metrics.state = detail::Lifecycle::stopped;
+  core->log(LogLevel::info, "shutdown report " + detail::report_json(report).dump());
+  {
+    std::lock_guard<std::mutex> lock(core->mu);
+    core->final_report = report;
+  }
   core->log(LogLevel::info, "stopped");
+  if (core->status) core->status->stopped();
   set_state(State::stopped);
   return true;
 }
@@ -2610,6 +3532,23 @@ inline bool Server::is_shutting_down() const { return core_->stopping.load(); }
 inline void Server::on_shutdown(std::function<void()> hook) {
   std::lock_guard<std::mutex> lock(core_->mu);
   core_->hooks.push_back(std::move(hook));
+}
+
+inline void Server::route(const std::string& method, const std::string& path,
+                          RouteHandler handler) {
+  static const char* const kMethods[] = {"GET", "POST", "PUT", "PATCH", "DELETE"};
+  if (std::find_if(std::begin(kMethods), std::end(kMethods),
+                   [&](const char* m) { return method == m; }) == std::end(kMethods)) {
+    throw std::invalid_argument("Server::route: unknown method '" + method +
+                                "' (GET, POST, PUT, PATCH or DELETE)");
+  }
+  if (path == "/api/chat" || path == "/health" || path == "/metrics") {
+    throw std::invalid_argument("Server::route: " + path + " is served by the server itself");
+  }
+  if (!handler) throw std::invalid_argument("Server::route: empty handler");
+  std::lock_guard<std::mutex> lock(core_->mu);
+  if (core_->listen_called) throw std::logic_error("Server::route: call it before listen()");
+  core_->routes.push_back({method, path, std::move(handler)});
 }
 
 // ===========================================================================
@@ -2705,7 +3644,7 @@ inline void SignalHook::watch(State& state) {
     if (first_ns < 0) {
       first_ns = record.at_ns;
       state.core->log(LogLevel::info, "signal received: " + name);
-      state.core->request_shutdown();
+      state.core->request_shutdown(ShutdownReport::Cause::signal);
     } else if (record.at_ns - first_ns >= kBurstNs && !state.forced) {
       state.forced = true;
       state.core->log(LogLevel::warning, "second signal received: " + name + "; forcing shutdown");

@@ -8,6 +8,7 @@
 // Exit status: 0 after a graceful shutdown, 130 after a forced one (a second
 // signal during the drain), 1 when the server cannot start, 2 for bad usage.
 #include "agentsmithy.hpp"
+#include "wip/openai.hpp"
 
 #include <signal.h>
 #include <sys/stat.h>
@@ -28,21 +29,36 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace {
 
 const char* const kUsage = R"(usage: agentsmithy-server --workdir DIR [options]
 
-Serves the AgentSmithy chat API (POST /api/chat, GET /health) with the built-in
-demo generator. SIGINT or SIGTERM drains the open streams and exits 0; a second
-signal during the drain closes them at once and exits 130.
+Serves the AgentSmithy chat API (POST and GET /api/chat, GET /health, GET
+/metrics) and a chat page at GET /, streaming from an OpenAI-compatible
+upstream (--upstream) or, without one, the built-in demo. SIGINT or SIGTERM
+drains the open streams and exits 0; a second signal during the drain closes
+them at once and exits 130. DIR/.agentsmithy/status.json follows the
+server's lifecycle, as AgentSmithy's does.
 
 options:
   --workdir DIR             project directory (required); DIR/.env is loaded
   --host HOST               address to bind       (SERVER_HOST, default 127.0.0.1)
-  --port PORT               port, 0 for any free  (SERVER_PORT, default 8765)
+  --port PORT               port, 0 for any free  (SERVER_PORT; default: the
+                            first free port from 8765, 200 tries)
   --grace-period SECONDS    drain limit at shutdown, may be fractional (default 5)
+  --lame-duck SECONDS       at shutdown, /health answers 503 for this long while
+                            everything else is served, then the drain (default 0)
   --max-streams N           concurrent chat requests before 503 (default 256)
+  --upstream URL            an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1
+                            (OPENAI_BASE_URL); without one: the demo
+  --model NAME              the upstream's model (AGENTSMITHY_MODEL)
+  --cors-origin ORIGIN      a browser origin allowed to call the API; repeatable
+                            (AGENTSMITHY_CORS_ORIGINS, comma-separated)
+  --no-chat-page            do not serve the chat page at GET /
+  --ide NAME                the IDE that launched the server (shown in /health)
+  --no-log-colors           never colour the log (it is coloured only on a terminal)
   --generator handler|thread
                             handler (default): the built-in demo through
                             set_stream_handler, every stream fed by one timer
@@ -54,7 +70,9 @@ options:
 
 environment:
   AGENTSMITHY_TOKEN         when set, /api/* requires "Authorization: Bearer <token>"
-                            (401 otherwise); /health stays open
+                            (401 otherwise; GET /api/chat also takes
+                            ?access_token=<token>, for EventSource); /health stays open
+  OPENAI_API_KEY            the upstream's API key (never a flag: ps shows flags)
 
 DIR/.env holds KEY=VALUE lines (# comments, optional quotes, optional
 `export `); it never overrides a variable already in the environment.
@@ -171,19 +189,29 @@ std::string utc_timestamp() {
 
 // One line per record on stderr, either
 //   2026-11-25T10:00:00.123Z INFO  ready on 127.0.0.1:8765
-// or
+// (the level coloured on a terminal unless `colors` is off) or
 //   {"ts":"2026-11-25T10:00:00.123Z","level":"info","msg":"ready on 127.0.0.1:8765"}
-agentsmithy::Logger make_logger(bool json) {
+// The shutdown report's record carries the report as an object, "report".
+agentsmithy::Logger make_logger(bool json, bool colors) {
   auto mutex = std::make_shared<std::mutex>();
-  return [json, mutex](agentsmithy::LogLevel level, const std::string& message) {
+  return [json, colors, mutex](agentsmithy::LogLevel level, const std::string& message) {
     static const char* const kPretty[] = {"DEBUG", "INFO ", "WARN ", "ERROR"};
+    static const char* const kColor[] = {"\x1b[2m", "\x1b[32m", "\x1b[33m", "\x1b[31m"};
     static const char* const kJson[] = {"debug", "info", "warning", "error"};
+    static const std::string kReport = "shutdown report ";
     const int index = static_cast<int>(level);
     std::string line;
     if (json) {
       nlohmann::ordered_json record = {
           {"ts", utc_timestamp()}, {"level", kJson[index]}, {"msg", message}};
+      if (message.compare(0, kReport.size(), kReport) == 0) {
+        record["msg"] = "shutdown report";
+        record["report"] = nlohmann::ordered_json::parse(message.substr(kReport.size()), nullptr,
+                                                         false);
+      }
       line = record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    } else if (colors) {
+      line = utc_timestamp() + " " + kColor[index] + kPretty[index] + "\x1b[0m " + message;
     } else {
       line = utc_timestamp() + " " + kPretty[index] + " " + message;
     }
@@ -199,8 +227,10 @@ agentsmithy::Logger make_logger(bool json) {
 // ---------------------------------------------------------------------------
 
 struct Flags {
-  std::optional<std::string> workdir, host, port, grace_period, max_streams;
-  std::optional<std::string> log_level, log_format, generator;
+  std::optional<std::string> workdir, host, port, grace_period, max_streams, lame_duck;
+  std::optional<std::string> log_level, log_format, generator, upstream, model, ide;
+  std::vector<std::string> cors_origins;
+  bool no_chat_page = false, no_log_colors = false;
 };
 
 Flags parse_flags(int argc, char** argv) {
@@ -216,6 +246,18 @@ Flags parse_flags(int argc, char** argv) {
       std::cout << kUsage;
       std::exit(0);
     }
+    const std::pair<const char*, bool*> switches[] = {{"--no-chat-page", &flags.no_chat_page},
+                                                      {"--no-log-colors", &flags.no_log_colors}};
+    bool* on = nullptr;
+    for (const auto& [flag, target] : switches) {
+      if (name == flag) on = target;
+    }
+    if (on) {
+      if (value) fail(2, name + " takes no value");
+      *on = true;
+      continue;
+    }
+    std::optional<std::string> cors;
     const std::pair<const char*, std::optional<std::string>*> known[] = {
         {"--workdir", &flags.workdir},
         {"--host", &flags.host},
@@ -224,7 +266,12 @@ Flags parse_flags(int argc, char** argv) {
         {"--max-streams", &flags.max_streams},
         {"--log-level", &flags.log_level},
         {"--log-format", &flags.log_format},
-        {"--generator", &flags.generator}};
+        {"--generator", &flags.generator},
+        {"--lame-duck", &flags.lame_duck},
+        {"--upstream", &flags.upstream},
+        {"--model", &flags.model},
+        {"--ide", &flags.ide},
+        {"--cors-origin", &cors}};
     std::optional<std::string>* slot = nullptr;
     for (const auto& [flag, target] : known) {
       if (name == flag) slot = target;
@@ -235,6 +282,7 @@ Flags parse_flags(int argc, char** argv) {
       value = argv[++i];
     }
     *slot = *value;
+    if (cors) flags.cors_origins.push_back(*cors);
   }
   return flags;
 }
@@ -249,6 +297,20 @@ std::optional<std::pair<std::string, std::string>> setting(const std::optional<s
   }
   return {};
 }
+
+// "scheme://host[:port]/path" without "user:password@", for the log.
+std::string without_credentials(const std::string& url) {
+  const auto scheme = url.find("://");
+  const auto start = scheme == std::string::npos ? 0 : scheme + 3;
+  const auto at = url.find('@', start);
+  const auto slash = url.find('/', start);
+  if (at == std::string::npos || (slash != std::string::npos && at > slash)) return url;
+  return url.substr(0, start) + url.substr(at + 1);
+}
+
+const char kChatPage[] =
+#include "chat_html.inc"
+    ;
 
 }  // namespace
 
@@ -277,6 +339,24 @@ int main(int argc, char** argv) {
   if (auto host = setting(flags.host, "--host", "SERVER_HOST")) options.host = host->first;
   if (auto port = setting(flags.port, "--port", "SERVER_PORT")) {
     options.port = parse_port(port->first, port->second);
+  } else {
+    options.port = 8765;  // and the next free one, as AgentSmithy does
+    options.port_attempts = 200;
+  }
+  options.status_file = true;
+  if (flags.ide) options.ide = *flags.ide;
+  if (flags.lame_duck) options.lame_duck = parse_seconds(*flags.lame_duck, "--lame-duck");
+  options.cors_origins = flags.cors_origins;
+  if (flags.cors_origins.empty()) {
+    if (const char* list = std::getenv("AGENTSMITHY_CORS_ORIGINS")) {
+      std::string rest = list;
+      while (!rest.empty()) {
+        const auto comma = rest.find(',');
+        const std::string origin = trim(rest.substr(0, comma));
+        if (!origin.empty()) options.cors_origins.push_back(origin);
+        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      }
+    }
   }
   if (flags.grace_period) {
     options.grace_period = parse_seconds(*flags.grace_period, "--grace-period");
@@ -293,23 +373,63 @@ int main(int argc, char** argv) {
   if (const char* token = std::getenv("AGENTSMITHY_TOKEN"); token && *token) {
     options.auth_token = token;
   }
-  options.logger = make_logger(json_logs);
+  options.logger = make_logger(json_logs, !flags.no_log_colors && ::isatty(STDERR_FILENO) == 1);
+  if (flags.generator && *flags.generator != "thread" && *flags.generator != "handler") {
+    fail(2, "--generator: '" + *flags.generator + "' is not handler or thread");
+  }
+
+  // The upstream, if any; a URL that fails validation leaves the server up
+  // with config_valid false in /health and an error on every chat.
+  agentsmithy::Generator upstream;
+  std::string serving = "the built-in demo";
+  if (auto url = setting(flags.upstream, "--upstream", "OPENAI_BASE_URL")) {
+    agentsmithy::OpenAIOptions up;
+    up.base_url = url->first;
+    if (auto model = setting(flags.model, "--model", "AGENTSMITHY_MODEL")) up.model = model->first;
+    if (const char* key = std::getenv("OPENAI_API_KEY"); key && *key) up.api_key = key;
+    const std::string shown = without_credentials(up.base_url);
+    try {
+      upstream = agentsmithy::openai_generator(up);
+      serving = "the upstream " + shown + (up.model.empty() ? "" : " (model " + up.model + ")");
+    } catch (const std::invalid_argument& e) {
+      const std::string problem = url->second + ": " + e.what();
+      options.config_errors.push_back(problem);
+      upstream = [problem](const agentsmithy::ChatRequest&, agentsmithy::StreamWriter& out) {
+        out.send({{"type", "error"},
+                  {"error", "The server's configuration is invalid: " + problem},
+                  {"code", "config_invalid"}});
+      };
+      serving = "nothing: the configuration is invalid (" + problem + ")";
+    }
+  }
   if (options.log_level <= agentsmithy::LogLevel::info) {
     options.logger(agentsmithy::LogLevel::info,
-                   "agentsmithy-server starting: workdir " + options.workdir + ", grace period " +
-                       std::to_string(options.grace_period.count()) + " ms, max streams " +
-                       std::to_string(options.max_streams) +
+                   "agentsmithy-server starting: workdir " + options.workdir +
+                       (options.ide.empty() ? "" : ", launched by " + options.ide) +
+                       ", serving " + serving + ", grace period " +
+                       std::to_string(options.grace_period.count()) + " ms" +
+                       (options.lame_duck.count() > 0
+                            ? ", lame duck " + std::to_string(options.lame_duck.count()) + " ms"
+                            : "") +
+                       ", max streams " + std::to_string(options.max_streams) +
                        (options.auth_token.empty() ? "" : ", bearer token required for /api/*"));
   }
 
   try {
-    agentsmithy::Server server(options);  // serves the built-in demo generator
-    if (flags.generator && *flags.generator == "thread") {
+    agentsmithy::Server server(options);  // serves the built-in demo by default
+    if (upstream) {
+      server.chat_service().set_generator(upstream);
+    } else if (flags.generator && *flags.generator == "thread") {
       server.chat_service().set_generator(agentsmithy::demo_generator);
-    } else if (flags.generator && *flags.generator == "handler") {
+    } else {
       server.chat_service().set_stream_handler(agentsmithy::demo_stream_handler());
-    } else if (flags.generator) {
-      fail(2, "--generator: '" + *flags.generator + "' is not handler or thread");
+    }
+    if (!flags.no_chat_page) {
+      server.route("GET", "/", [](const httplib::Request&, httplib::Response& res) {
+        res.set_header("Referrer-Policy", "no-referrer");
+        res.set_header("Cache-Control", "no-cache");
+        res.set_content(kChatPage, "text/html; charset=utf-8");
+      });
     }
     auto hook = agentsmithy::install_signal_handlers(server);
     ::pthread_sigmask(SIG_UNBLOCK, &shutdown_signals, nullptr);

@@ -151,6 +151,9 @@ inline agentsmithy::Options test_options() {
   o.port = 0;
   o.grace_period = 3000ms;
   o.log_level = agentsmithy::LogLevel::debug;
+  // The suite asserts the producer's events exactly; the server's opening
+  // `user` event has tests of its own (test_browser_routes.cpp).
+  o.user_event = false;
   return o;
 }
 
