@@ -6,6 +6,10 @@
 #   make cxx20      build everything as C++20 into build/cxx20/
 #   make test-asan  the same tests built with AddressSanitizer + UBSan (build/asan/)
 #   make test-tsan  the same tests built with ThreadSanitizer (build/tsan/)
+#   make test-ide   AgentSmithy's VS Code extension's launch, status.json and
+#                   Node fetch checks (tests/ide/)
+#   make test-browser  the chat page and EventSource in headless Chromium
+#   make test-ops   nginx rolling restart, Prometheus, deploy files (tests/ops/)
 #   make fuzz       each libFuzzer target in tests/fuzz/ for 60 s (fuzz-ci: 20 s)
 #   make bench      bash bench/run.sh
 #   make format     clang-format -i the sources
@@ -54,7 +58,7 @@ FORMAT_SOURCES := $(wildcard agentsmithy.hpp examples/*.cpp tests/*.cpp tests/*.
                              tests/fuzz/*.cpp tests/fuzz/*.hpp bench/*.cpp bench/*.hpp)
 
 .PHONY: all run test cxx20 bench format format-check clean deps deps-san \
-        test-asan test-tsan fuzz fuzz-ci
+        test-asan test-tsan fuzz fuzz-ci test-ide test-browser test-ops
 
 all: $(SERVER) $(EMBED) $(TESTS)
 
@@ -262,6 +266,17 @@ fuzz:
 
 fuzz-ci:
 	@$(MAKE) --no-print-directory FUZZ_SECONDS=20 fuzz
+
+# Integration suites against build/agentsmithy-server, each in its own
+# directory with a run.sh that installs what it needs (nodejs, chromium +
+# puppeteer-core from tests/browser/package-lock.json, nginx, prometheus)
+# and ends with "<suite>: N passed, M failed".
+test-ide: $(SERVER)
+	@AGENTSMITHY_SERVER=$(abspath $(SERVER)) bash tests/ide/run.sh
+test-browser: $(SERVER)
+	@AGENTSMITHY_SERVER=$(abspath $(SERVER)) bash tests/browser/run.sh
+test-ops: $(SERVER)
+	@AGENTSMITHY_SERVER=$(abspath $(SERVER)) bash tests/ops/run.sh
 
 bench: $(SERVER)
 	AGENTSMITHY_SERVER=$(abspath $(SERVER)) bash bench/run.sh

@@ -100,6 +100,7 @@ struct Config {
   double start_timeout = 15;   // s: server readiness bound
   int connect_rate = 5000;     // new connections per second
   int connect_inflight = 64;   // handshakes in progress at once
+  int inflight = 0;            // attempts from connect() to the status line (0: no cap)
   double connect_timeout = 4;  // s per attempt
   int connect_attempts = 5;    // per connection
   int sig = SIGTERM;
@@ -110,6 +111,10 @@ struct Config {
   std::string server_log = "/dev/null";
   std::string dump;  // per-client CSV, optional
   std::string prompt = "Tell me a story";
+  bool dialog_ids = false;     // each request carries "dialog_id":"lc-<index>"
+  std::string stamps;          // cancel: the server's stamp file, read after its exit
+  bool disconnect = false;     // cancel: the client closes every stream instead of a signal
+  int disconnect_rate = 2000;  // cancel --disconnect: closes per second
   std::vector<std::string> server_argv;
 };
 
@@ -137,9 +142,11 @@ struct Conn {
   bool eof = false;
   bool reset = false;
   bool failed_connect = false;
+  bool in_flight = false;  // a connection attempt without a status line yet
   int status = 0;
   char last_type = 0;  // first letter of the last event type seen
   uint32_t n_chat = 0;
+  uint32_t n_chat_at_signal = 0;  // chat events read when the signal was sent
   uint32_t n_events = 0;
   uint32_t n_after_done = 0;
   uint32_t n_comments = 0;
@@ -156,9 +163,11 @@ struct Conn {
   int64_t t_final = 0;  // terminating zero-length chunk (or end of body)
   int64_t t_eof = 0;    // peer closed
   int64_t t_retry = 0;  // when to retry
+  int64_t t_close = 0;  // cancel --disconnect: when this client closed the stream
   std::size_t out_off = 0;
   std::string hdr;  // header bytes, chunk-size line, trailer
   std::string sse;  // partial SSE event
+  std::string req;  // this connection's request while it is sent (--dialog-ids)
 };
 
 bool ended(const Conn& c) { return c.st == St::Closed || c.response_complete; }
@@ -190,6 +199,7 @@ struct ServerProc {
   rusage ru{};
   long peak_threads = 0;
   long peak_hwm_kb = 0;  // VmHWM as sampled (ru_maxrss is the authoritative one)
+  long peak_rss_kb = 0;  // VmRSS, sampled every 20 ms
   clockid_t cpu_clock{};
   bool have_cpu_clock = false;
 };
@@ -258,6 +268,8 @@ void sample_status(ServerProc& sp) {
     sp.peak_threads = std::max(sp.peak_threads, std::atol(p + 9));
   if (const char* p = std::strstr(buf, "\nVmHWM:"))
     sp.peak_hwm_kb = std::max(sp.peak_hwm_kb, std::atol(p + 7));
+  if (const char* p = std::strstr(buf, "\nVmRSS:"))
+    sp.peak_rss_kb = std::max(sp.peak_rss_kb, std::atol(p + 7));
 }
 
 void reap(ServerProc& sp, int64_t t) {
@@ -344,14 +356,20 @@ bool health_ok(int port) {
 // ---------------------------------------------------------------------------
 
 constexpr uint64_t kPidTag = ~0ULL;
+// Where a request carries its connection's dialog id (--dialog-ids).
+constexpr std::string_view kDialogMark = "lc-XXXXXX";
 
 class Engine {
  public:
+  // `request`: the bytes every connection sends; with cfg.dialog_ids, every
+  // "lc-XXXXXX" in it becomes "lc-<index of the connection, 6 digits>"
+  // (the same length, so that Content-Length holds).
   Engine(const Config& cfg, ServerProc& sp, int port, std::string request)
       : cfg_(cfg),
         sp_(sp),
         port_(port),
         request_(std::move(request)),
+        per_conn_request_(cfg.dialog_ids && request_.find(kDialogMark) != std::string::npos),
         conns_(static_cast<std::size_t>(cfg.n)) {
     ep_ = epoll_create1(EPOLL_CLOEXEC);
     if (ep_ < 0) die("epoll_create1");
@@ -371,6 +389,17 @@ class Engine {
   }
 
   std::vector<Conn>& conns() { return conns_; }
+  // Connection attempts (connect() to the status line) in flight: the most
+  // there were at once.
+  int peak_inflight() const { return peak_awaiting_; }
+  // Closes connection idx as a client that goes away does (cancel --disconnect).
+  void disconnect(std::size_t idx, int64_t t) {
+    Conn& c = conns_[idx];
+    if (c.fd < 0) return;
+    c.t_close = t;
+    c.st = St::Closed;
+    close_fd(c);
+  }
   void stop_starting() { starting_ = false; }
   // Close a connection once its response is complete (default), or keep it
   // open and idle (keep-alive; the idle scenario).
@@ -408,8 +437,8 @@ class Engine {
       // the handshakes in flight and throttle the connect rate) and the
       // previous wait drained everything ready (a full batch means more
       // sockets are waiting to be read).
-      const bool ramping =
-          starting_ && (next_ < conns_.size() || connecting_ > 0 || !retries_.empty());
+      const bool ramping = starting_ && (next_ < conns_.size() || connecting_ > 0 ||
+                                         awaiting_ > 0 || !retries_.empty());
       if (coalesce_ns_ > 0 && !ramping && !last_full_ && t - last_wait_ < coalesce_ns_) {
         timespec ts{0, static_cast<long>(coalesce_ns_ - (t - last_wait_))};
         nanosleep(&ts, nullptr);
@@ -444,7 +473,8 @@ class Engine {
     bucket_ =
         std::min(bucket_ + elapsed * cfg_.connect_rate, static_cast<double>(cfg_.connect_inflight));
     if (!starting_) return;
-    while (connecting_ < cfg_.connect_inflight && bucket_ >= 1.0) {
+    while (connecting_ < cfg_.connect_inflight && bucket_ >= 1.0 &&
+           (cfg_.inflight <= 0 || awaiting_ < cfg_.inflight)) {
       std::size_t idx;
       if (!retries_.empty() && conns_[retries_.front()].t_retry <= t) {
         idx = retries_.front();
@@ -472,6 +502,9 @@ class Engine {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c.fd = fd;
+    c.in_flight = true;
+    ++awaiting_;
+    peak_awaiting_ = std::max(peak_awaiting_, awaiting_);
     epoll_event ev{};
     ev.events = EPOLLOUT;
     ev.data.u64 = idx;
@@ -487,6 +520,10 @@ class Engine {
   }
 
   void close_fd(Conn& c) {
+    if (c.in_flight) {
+      c.in_flight = false;
+      --awaiting_;
+    }
     if (c.fd >= 0) {
       epoll_ctl(ep_, EPOLL_CTL_DEL, c.fd, nullptr);
       close(c.fd);
@@ -514,14 +551,21 @@ class Engine {
     c.t_connected = t;
     c.st = St::Sending;
     c.out_off = 0;
+    if (per_conn_request_) {
+      c.req = request_;
+      char id[16];
+      std::snprintf(id, sizeof id, "lc-%06zu", idx % 1000000);
+      for (std::size_t p; (p = c.req.find(kDialogMark)) != std::string::npos;)
+        c.req.replace(p, kDialogMark.size(), id);
+    }
     send_more(idx, t);
   }
 
   void send_more(std::size_t idx, int64_t t) {
     Conn& c = conns_[idx];
-    while (c.out_off < request_.size()) {
-      ssize_t n =
-          send(c.fd, request_.data() + c.out_off, request_.size() - c.out_off, MSG_NOSIGNAL);
+    const std::string& req = per_conn_request_ ? c.req : request_;
+    while (c.out_off < req.size()) {
+      ssize_t n = send(c.fd, req.data() + c.out_off, req.size() - c.out_off, MSG_NOSIGNAL);
       if (n > 0) {
         c.out_off += static_cast<std::size_t>(n);
       } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -536,6 +580,7 @@ class Engine {
     }
     c.t_sent = t;
     c.st = St::Headers;
+    std::string().swap(c.req);
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = idx;
@@ -724,6 +769,10 @@ class Engine {
   void headers(Conn& c, int64_t t) {
     std::string_view h(c.hdr);
     c.t_status = t;
+    if (c.in_flight) {
+      c.in_flight = false;
+      --awaiting_;
+    }
     if (h.size() >= 12 && h.substr(0, 5) == "HTTP/")
       c.status = std::atoi(std::string(h.substr(9, 3)).c_str());
     long long length = -1;
@@ -837,12 +886,15 @@ class Engine {
   ServerProc& sp_;
   int port_;
   std::string request_;
+  bool per_conn_request_ = false;
   std::vector<Conn> conns_;
   int ep_ = -1;
   sockaddr_in addr_{};
   std::size_t next_ = 0;
   std::deque<std::size_t> retries_;
   int connecting_ = 0;
+  int awaiting_ = 0;  // attempts without a status line yet
+  int peak_awaiting_ = 0;
   double bucket_ = 0;
   int64_t last_refill_ = 0;
   int64_t last_scan_ = 0;
@@ -861,10 +913,11 @@ class Engine {
 // ---------------------------------------------------------------------------
 
 std::string chat_request(const Config& cfg, int port) {
-  std::string body = R"({"messages":[{"role":"user","content":")" + cfg.prompt +
-                     R"("}],"stream":true,"context":{"demo":{"tokens":)" +
-                     std::to_string(cfg.tokens) + R"(,"interval_ms":)" +
-                     std::to_string(cfg.interval_ms) + "}}}";
+  std::string body =
+      R"({"messages":[{"role":"user","content":")" + cfg.prompt + R"("}],"stream":true,)" +
+      (cfg.dialog_ids ? R"("dialog_id":")" + std::string(kDialogMark) + "\"," : std::string()) +
+      R"("context":{"demo":{"tokens":)" + std::to_string(cfg.tokens) + R"(,"interval_ms":)" +
+      std::to_string(cfg.interval_ms) + "}}}";
   return "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) +
          "\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: " +
          std::to_string(body.size()) + "\r\n\r\n" + body;
@@ -881,11 +934,15 @@ int64_t secs(double s) { return static_cast<int64_t>(s * 1e9); }
 int64_t signal_and_wait(Engine& eng, ServerProc& sp, const Config& cfg, double& cpu_at_signal) {
   eng.stop_starting();
   eng.coalesce(kMs);  // times after the signal are exact to a millisecond
+  // Read what has arrived (the client may have paused up to --coalesce-ms)
+  // so that the count of events received before the signal is current.
+  eng.run_until(now_ns() + 20 * kMs, [] { return false; });
   sample_status(sp);
   cpu_at_signal = server_cpu(sp);
+  auto& conns = eng.conns();
+  for (auto& c : conns) c.n_chat_at_signal = c.n_chat;
   int64_t t_sig = now_ns();
   if (kill(sp.pid, cfg.sig) != 0) die("kill");
-  auto& conns = eng.conns();
   eng.run_until(t_sig + secs(cfg.drain_timeout), [&] {
     if (!sp.exited) return false;
     for (auto& c : conns)
@@ -913,6 +970,7 @@ void put_server(const ServerProc& sp, int64_t t_sig) {
   }
   putf("exit_ms", sp.t_exit && !sp.killed ? ms(sp.t_exit - t_sig) : NAN, 1);
   putf("peak_rss_mib", static_cast<double>(sp.ru.ru_maxrss) / 1024.0, 1);
+  putf("peak_vmrss_mib", static_cast<double>(sp.peak_rss_kb) / 1024.0, 1);
   put("peak_threads", sp.peak_threads);
 }
 
@@ -921,17 +979,18 @@ void dump_csv(const Config& cfg, const std::vector<Conn>& conns, int64_t t0) {
   FILE* f = std::fopen(cfg.dump.c_str(), "w");
   if (!f) return;
   auto rel = [t0](int64_t t) { return t ? ms(t - t0) : NAN; };
-  std::fprintf(
-      f,
-      "idx,attempts,status,t_first_try,t_connected,t_sent,t_status,t_first_chat,n_chat,"
-      "n_events,t_error,error_ok,t_done,error_before_done,final_chunk,t_final,t_eof,bytes\n");
+  std::fprintf(f,
+               "idx,attempts,status,t_first_try,t_connected,t_sent,t_status,t_first_chat,n_chat,"
+               "n_events,t_error,error_ok,t_done,error_before_done,final_chunk,t_final,t_eof,bytes,"
+               "n_chat_at_signal,t_close\n");
   for (std::size_t i = 0; i < conns.size(); ++i) {
     const Conn& c = conns[i];
-    std::fprintf(f, "%zu,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%u,%u,%.3f,%d,%.3f,%d,%d,%.3f,%.3f,%llu\n",
-                 i, c.attempts, c.status, rel(c.t_first_try), rel(c.t_connected), rel(c.t_sent),
-                 rel(c.t_status), rel(c.t_first_chat), c.n_chat, c.n_events, rel(c.t_error),
-                 c.error_ok, rel(c.t_done), c.error_before_done, c.final_chunk, rel(c.t_final),
-                 rel(c.t_eof), static_cast<unsigned long long>(c.bytes));
+    std::fprintf(
+        f, "%zu,%d,%d,%.3f,%.3f,%.3f,%.3f,%.3f,%u,%u,%.3f,%d,%.3f,%d,%d,%.3f,%.3f,%llu,%u,%.3f\n",
+        i, c.attempts, c.status, rel(c.t_first_try), rel(c.t_connected), rel(c.t_sent),
+        rel(c.t_status), rel(c.t_first_chat), c.n_chat, c.n_events, rel(c.t_error), c.error_ok,
+        rel(c.t_done), c.error_before_done, c.final_chunk, rel(c.t_final), rel(c.t_eof),
+        static_cast<unsigned long long>(c.bytes), c.n_chat_at_signal, rel(c.t_close));
   }
   std::fclose(f);
 }
@@ -944,13 +1003,23 @@ double client_cpu() {
 }
 
 // Scenario 1 (and the tail of 4): streams are open; signal; per-client outcome.
-void report_shutdown(const std::vector<Conn>& conns, int64_t t_sig, const ServerProc& sp,
-                     double cpu_at_signal, long held) {
+void report_shutdown(const Config& cfg, const std::vector<Conn>& conns, int64_t t_sig,
+                     const ServerProc& sp, double cpu_at_signal, long held) {
   long complete = 0, got_error = 0, got_done = 0, final_chunk = 0, closed = 0;
   std::vector<double> to_done, to_error;
+  // The pace delivered before the signal: chat events read by the signal
+  // (the client reads everything pending just before sending it) over the
+  // events asked for: the first chunk comes with the status line, then one
+  // every interval, so 1 + floor((signal - status line) / interval) each.
+  double pace_got = 0, pace_asked = 0;
   for (const Conn& c : conns) {
     if (c.t_first_chat == 0 || (c.t_done && c.t_done < t_sig))
       continue;  // not streaming at the signal
+    if (cfg.interval_ms > 0 && c.t_status > 0 && c.t_status < t_sig) {
+      pace_asked += 1.0 + std::floor(static_cast<double>(t_sig - c.t_status) /
+                                     static_cast<double>(cfg.interval_ms * kMs));
+      pace_got += c.n_chat_at_signal;
+    }
     if (c.got_error && c.error_ok && c.t_error >= t_sig) {
       ++got_error;
       to_error.push_back(ms(c.t_error - t_sig));
@@ -978,6 +1047,7 @@ void report_shutdown(const std::vector<Conn>& conns, int64_t t_sig, const Server
   putf("done_p50_ms", percentile(to_done, 0.50));
   putf("done_p99_ms", percentile(to_done, 0.99));
   putf("done_max_ms", percentile(to_done, 1.0));
+  putf("pace_pct", pace_asked > 0 ? 100.0 * pace_got / pace_asked : NAN, 1);
   put_server(sp, t_sig);
   double cpu_end = server_cpu(sp);
   double drain_cpu = cpu_end - cpu_at_signal;
@@ -1047,6 +1117,7 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
   put("n", cfg.n);
   put("all_streaming", all && streaming == cfg.n ? 1 : 0);
   putf("ramp_s", ms(t_ready - t0) / 1e3, 2);
+  put("peak_inflight", eng.peak_inflight());
   put("answered_200", answered_200);
   put("status_503", status_503);
   putf("settle_server_cores", settle_cpu, 2);
@@ -1061,7 +1132,7 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
   double cpu_at_signal = 0;
   double client0 = client_cpu();
   int64_t t_sig = signal_and_wait(eng, sp, cfg, cpu_at_signal);
-  report_shutdown(conns, t_sig, sp, cpu_at_signal, held);
+  report_shutdown(cfg, conns, t_sig, sp, cpu_at_signal, held);
   putf("client_cpu_drain_ms", (client_cpu() - client0) * 1e3, 1);
   dump_csv(cfg, conns, t_sig);
   return 0;
@@ -1215,6 +1286,145 @@ int run_capacity(const Config& cfg, ServerProc& sp, int port) {
   return 0;
 }
 
+// The on_cancel bench (bench/cancelbench.cpp, and goserver --cancel-stamps):
+// every stream's producer blocks in a read that only its cancel callback
+// interrupts. The server stamps, per dialog_id, when the producer blocked,
+// when the callback ran and when the producer was released, on
+// CLOCK_MONOTONIC, which is one clock for every process on the machine (as
+// now_ns() here), and writes them to the stamp file at its exit. The cause is
+// the signal (default), or with --disconnect this client closing each stream
+// (its t_close), and the signal once every stream is closed.
+struct Stamp {
+  int64_t blocked = 0, callback = 0, released = 0;
+};
+
+// Reads "<dialog_id> <t_blocked> <t_callback> <t_released>" lines; dialog ids
+// "lc-<index>" map to connections. Returns the number of lines read.
+long read_stamps(const std::string& path, std::vector<Stamp>& out) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return -1;
+  char line[512];
+  long n = 0;
+  for (int guard = 0; guard < 10000000 && std::fgets(line, sizeof line, f); ++guard) {
+    if (line[0] == '#') continue;
+    char id[200];
+    long long b = 0, cb = 0, r = 0;
+    if (std::sscanf(line, "%199s %lld %lld %lld", id, &b, &cb, &r) != 4) continue;
+    if (std::strncmp(id, "lc-", 3) != 0) continue;
+    long idx = std::atol(id + 3);
+    if (idx < 0 || static_cast<std::size_t>(idx) >= out.size()) continue;
+    out[static_cast<std::size_t>(idx)] = Stamp{b, cb, r};
+    ++n;
+  }
+  std::fclose(f);
+  return n;
+}
+
+int run_cancel(const Config& cfg, ServerProc& sp, int port) {
+  if (cfg.stamps.empty()) {
+    std::fprintf(stderr, "loadclient: cancel needs --stamps FILE (the server's stamp file)\n");
+    return 2;
+  }
+  std::remove(cfg.stamps.c_str());
+  Engine eng(cfg, sp, port, chat_request(cfg, port));
+  auto& conns = eng.conns();
+  int64_t t0 = now_ns();
+  long streaming = 0;
+  bool all = eng.run_until(t0 + secs(cfg.ready_timeout), [&] {
+    if (sp.exited) return true;
+    streaming = 0;
+    long finished = 0;
+    for (auto& c : conns) {
+      if (c.t_first_chat)
+        ++streaming;
+      else if (ended(c))
+        ++finished;
+    }
+    return streaming + finished >= cfg.n;
+  });
+  int64_t t_ready = now_ns();
+  // Let every producer reach its blocking read.
+  eng.run_until(t_ready + secs(cfg.settle), [&] { return sp.exited; });
+  long held = 0;
+  for (auto& c : conns)
+    if (c.t_first_chat && !ended(c)) ++held;
+  put("scenario", cfg.disconnect ? "cancel-disconnect" : "cancel-signal");
+  put("n", cfg.n);
+  put("all_streaming", all && streaming == cfg.n ? 1 : 0);
+  putf("ramp_s", ms(t_ready - t0) / 1e3, 2);
+  put("peak_inflight", eng.peak_inflight());
+  if (sp.exited) {
+    put("error", "server exited before the signal");
+    put_server(sp, t_ready);
+    return 1;
+  }
+  int64_t t_first_close = 0, t_last_close = 0;
+  if (cfg.disconnect) {
+    // Close the streams one by one at --disconnect-rate, each with its own
+    // time; then give the server a moment before the signal that makes it
+    // exit (and write its stamps).
+    const int64_t gap = kSec / std::max(1, cfg.disconnect_rate);
+    eng.stop_starting();
+    eng.coalesce(0);
+    std::size_t next = 0;
+    t_first_close = now_ns();
+    eng.run_until(t_first_close + secs(cfg.drain_timeout), [&] {
+      int64_t t = now_ns();
+      while (next < conns.size() && t >= t_first_close + static_cast<int64_t>(next) * gap) {
+        if (conns[next].t_first_chat && !ended(conns[next])) eng.disconnect(next, now_ns());
+        ++next;
+      }
+      return next >= conns.size() || sp.exited;
+    });
+    t_last_close = now_ns();
+    eng.run_until(t_last_close + 300 * kMs, [&] { return sp.exited; });
+    putf("disconnect_s", ms(t_last_close - t_first_close) / 1e3, 2);
+  }
+  double cpu_at_signal = 0;
+  int64_t t_sig = signal_and_wait(eng, sp, cfg, cpu_at_signal);
+  if (!cfg.disconnect) {
+    Config unpaced = cfg;  // the streams are not paced: no pace figure
+    unpaced.interval_ms = 0;
+    report_shutdown(unpaced, conns, t_sig, sp, cpu_at_signal, held);
+  } else {
+    put("held", held);
+    put_server(sp, t_sig);
+  }
+  std::vector<Stamp> stamps(conns.size());
+  long lines = read_stamps(cfg.stamps, stamps);
+  put("stamps", lines);
+  std::vector<double> to_cb, to_release;
+  long with_cb = 0, released = 0, missing = 0;
+  for (std::size_t i = 0; i < conns.size(); ++i) {
+    const Conn& c = conns[i];
+    const Stamp& st = stamps[i];
+    const int64_t cause = cfg.disconnect ? c.t_close : t_sig;
+    if (!c.t_first_chat || cause == 0) continue;  // was not streaming, or not closed by us
+    if (st.blocked == 0) {
+      ++missing;
+      continue;
+    }
+    if (st.callback) {
+      ++with_cb;
+      to_cb.push_back(ms(st.callback - cause));
+    }
+    if (st.released) {
+      ++released;
+      to_release.push_back(ms(st.released - cause));
+    }
+  }
+  put("callbacks", with_cb);
+  put("released", released);
+  put("no_stamp", missing);
+  putf("cb_p50_ms", percentile(to_cb, 0.50), 2);
+  putf("cb_p99_ms", percentile(to_cb, 0.99), 2);
+  putf("cb_max_ms", percentile(to_cb, 1.0), 2);
+  putf("release_p50_ms", percentile(to_release, 0.50), 2);
+  putf("release_max_ms", percentile(to_release, 1.0), 2);
+  dump_csv(cfg, conns, cfg.disconnect ? t_first_close : t_sig);
+  return 0;
+}
+
 // ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
@@ -1237,6 +1447,11 @@ scenarios:
               MB/s, server CPU seconds per million events
   capacity    open N streams against a server with a lower --max-streams;
               count 503s and the time to them; then signal
+  cancel      open N streams to a server whose producers block until their
+              cancel callback runs (bench/cancelbench.cpp, goserver
+              --cancel-stamps); signal (or with --disconnect close every
+              stream, then signal); read the server's --stamps file and
+              report cause->callback and cause->release per stream
 
 options:
   --n N                 connections (default 100)
@@ -1249,6 +1464,9 @@ options:
   --start-timeout S     bound of the server start (default 15)
   --connect-rate R      new connections per second (default 5000)
   --connect-inflight K  handshakes in progress at once (default 64)
+  --inflight K          connection attempts in flight (from connect() to the
+                        response's status line) at most (default 0: no cap
+                        beyond --connect-inflight); the peak is reported
   --connect-timeout S   per attempt (default 4); refused/timed out: retried
   --connect-attempts A  per connection (default 5)
   --signal TERM|INT     (default TERM)
@@ -1270,6 +1488,11 @@ options:
   --nice N              this client's nice value; the server keeps 0 (default 0)
   --server-log FILE     server stdout/stderr (default /dev/null)
   --dump FILE           per-client CSV, times in ms from the signal
+  --dialog-ids 0|1      each request carries "dialog_id":"lc-<6-digit index>" (default 0;
+                        always on for cancel)
+  --stamps FILE         cancel: the stamp file the server writes at its exit
+  --disconnect 0|1      cancel: the client closes each stream (default 0: signal)
+  --disconnect-rate R   cancel --disconnect: closes per second (default 2000)
 )",
       code ? stderr : stdout);
   std::exit(code);
@@ -1309,6 +1532,16 @@ Config parse(int argc, char** argv) {
       cfg.connect_rate = std::atoi(v.c_str());
     else if (a == "--connect-inflight")
       cfg.connect_inflight = std::atoi(v.c_str());
+    else if (a == "--inflight")
+      cfg.inflight = std::atoi(v.c_str());
+    else if (a == "--dialog-ids")
+      cfg.dialog_ids = v != "0";
+    else if (a == "--stamps")
+      cfg.stamps = v;
+    else if (a == "--disconnect")
+      cfg.disconnect = v != "0";
+    else if (a == "--disconnect-rate")
+      cfg.disconnect_rate = std::atoi(v.c_str());
     else if (a == "--connect-timeout")
       cfg.connect_timeout = std::atof(v.c_str());
     else if (a == "--connect-attempts")
@@ -1339,8 +1572,9 @@ Config parse(int argc, char** argv) {
     usage(1);
   }
   if (cfg.scenario != "shutdown" && cfg.scenario != "idle" && cfg.scenario != "throughput" &&
-      cfg.scenario != "capacity")
+      cfg.scenario != "capacity" && cfg.scenario != "cancel")
     usage(1);
+  if (cfg.scenario == "cancel") cfg.dialog_ids = true;
   return cfg;
 }
 
@@ -1421,6 +1655,8 @@ int main(int argc, char** argv) {
     rc = run_throughput(cfg, sp, port);
   else if (cfg.scenario == "capacity")
     rc = run_capacity(cfg, sp, port);
+  else if (cfg.scenario == "cancel")
+    rc = run_cancel(cfg, sp, port);
 
   if (!sp.exited) {  // never leave the server behind
     kill(sp.pid, SIGKILL);

@@ -1,52 +1,127 @@
 #!/usr/bin/env bash
-# bench/run.sh - agentsmithy's benchmark: builds the load client and the
-# baseline (a bare cpp-httplib server that calls Server::stop() on SIGTERM),
-# runs the scenarios of issue 3 against build/agentsmithy-server and the
-# baseline, and prints one table (scenario, N, metric, agentsmithy, baseline,
-# target).
+# bench/run.sh - agentsmithy's benchmark, side by side with a Go net/http peer.
 #
-#   bash bench/run.sh                 # full run, under 5 minutes on 2 cores
-#   BENCH_QUICK=1 bash bench/run.sh   # N = 100 and 1,000 only, smaller throughput
+# Builds the load client (bench/loadclient.cpp), the Go peer (bench/goserver,
+# Debian's golang-go, standard library only) and the on_cancel bench server
+# (bench/cancelbench.cpp), runs every scenario of issues 3 and 8 against
+# build/agentsmithy-server and the Go peer in the same run, BENCH_RUNS times
+# each (agentsmithy and Go alternating), and prints one table: the median of
+# each figure for both, their ratio, and the target.
 #
-# Environment: BENCH_QUICK=1; BENCH_WAIT_IDLE=S (before each scenario, wait up
-# to S seconds for other work on the machine to fall under 10% of the CPUs);
-# BENCH_OUT=DIR (default build/bench: binaries,
-# raw key=value results, server logs, per-client CSVs, table.md);
-# AGENTSMITHY_SERVER=PATH (default build/agentsmithy-server).
+#   bash bench/run.sh                 # the full run (6-8 minutes on 2 idle cores)
+#   BENCH_QUICK=1 bash bench/run.sh   # smaller N, one run each (about a minute)
 #
-# Every scenario is bounded twice: by the load client's own timeouts (it
-# SIGKILLs a server that outlives them, and the server dies with it through
+# Environment:
+#   BENCH_RUNS=R        runs of every scenario (default 3; BENCH_QUICK: 1)
+#   BENCH_QUICK=1       N = 100 and 1,000 only, 2,000 chunks per throughput stream
+#   BENCH_ONLY=LIST     only these scenario groups (space separated):
+#                       handler thread idle throughput capacity cancel
+#   BENCH_WAIT_IDLE=S   before each run, wait up to S s for other work on the
+#                       machine to fall under 10% of the CPUs
+#   BENCH_GENERATOR=G   --generator of agentsmithy-server for the handler
+#                       scenarios (default handler)
+#   BENCH_OUT=DIR       default build/bench: binaries, raw key=value results
+#                       (NAME.rK.txt), server logs, per-client CSVs, table.md
+#   AGENTSMITHY_SERVER=PATH   default build/agentsmithy-server
+#   BENCH_REF_COMMIT=C  the reference for "no regression" of threaded
+#                       generators: examples/server.cpp and agentsmithy.hpp of
+#                       commit C (default bac1cfc, the run in bench/RESULTS.md),
+#                       built once into $OUT and run beside the current server
+#                       (--generator thread in both); empty: no reference runs
+#   SKIP_DEPS=1         do not install golang-go when `go` is missing
+#
+# Every run is bounded twice: by the load client's own timeouts (it SIGKILLs
+# a server that outlives them, and the server dies with it through
 # PR_SET_PDEATHSIG) and by `timeout` around the load client.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/build/bench}
 QUICK=${BENCH_QUICK:-0}
+RUNS=${BENCH_RUNS:-$([[ $QUICK == 1 ]] && echo 1 || echo 3)}
+ONLY=${BENCH_ONLY:-handler thread idle throughput capacity cancel}
+GEN=${BENCH_GENERATOR:-handler}
 SERVER=${AGENTSMITHY_SERVER:-$ROOT/build/agentsmithy-server}
 CXX=${CXX:-g++}
 CXXFLAGS=(-std=c++17 -O2 -Wall -Wextra -Wpedantic)
 
 mkdir -p "$OUT"
-rm -f "$OUT"/s[1-4]-*.txt
+rm -f "$OUT"/*.r[0-9]*.txt "$OUT"/*.r[0-9]*.err
 LC=$OUT/loadclient
-BASE=$OUT/baseline
+GOPEER=$OUT/goserver
+CB=$OUT/cancelbench
 
 # --- build ------------------------------------------------------------------
 if ! pkg-config --exists cpp-httplib 2>/dev/null; then
   make -C "$ROOT" deps >&2
 fi
+if ! command -v go >/dev/null 2>&1; then
+  if [[ -n ${SKIP_DEPS:-} ]]; then
+    echo "bench: go is missing (SKIP_DEPS is set; apt-get install golang-go)" >&2
+    exit 1
+  fi
+  echo "bench: installing golang-go" >&2
+  sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update >&2
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends golang-go >&2
+fi
 if [[ ! -x $LC || $ROOT/bench/loadclient.cpp -nt $LC ]]; then
   echo "bench: building loadclient" >&2
   "$CXX" "${CXXFLAGS[@]}" -o "$LC" "$ROOT/bench/loadclient.cpp"
 fi
-if [[ ! -x $BASE || $ROOT/bench/baseline.cpp -nt $BASE ]]; then
-  echo "bench: building baseline" >&2
-  read -ra HTTPLIB <<<"$(pkg-config --cflags --libs cpp-httplib)"
-  "$CXX" "${CXXFLAGS[@]}" -o "$BASE" "$ROOT/bench/baseline.cpp" "${HTTPLIB[@]}" -pthread
+if [[ ! -x $GOPEER || -n $(find "$ROOT/bench/goserver" -newer "$GOPEER" -type f 2>/dev/null) ]]; then
+  echo "bench: building goserver ($(go version))" >&2
+  # Standard library only: no module download, no proxy, a private cache.
+  (cd "$ROOT/bench/goserver" &&
+    GOFLAGS='' GOPROXY=off GOSUMDB=off GOPATH=$OUT/gopath GOCACHE=$OUT/gocache CGO_ENABLED=0 \
+      go build -trimpath -o "$GOPEER" .)
+fi
+read -ra HTTPLIB <<<"$(pkg-config --cflags --libs cpp-httplib)"
+if [[ " $ONLY " == *" cancel "* ]] &&
+  [[ ! -x $CB || $ROOT/bench/cancelbench.cpp -nt $CB || $ROOT/agentsmithy.hpp -nt $CB ]]; then
+  echo "bench: building cancelbench" >&2
+  # Against the working tree's header; when that does not build (an edit in
+  # progress), against the committed one.
+  if ! "$CXX" "${CXXFLAGS[@]}" -I"$ROOT" -o "$CB" "$ROOT/bench/cancelbench.cpp" "${HTTPLIB[@]}" \
+    -pthread 2>"$OUT/cancelbench.build.log"; then
+    hdr=$(mktemp -d "${TMPDIR:-/tmp}/agentsmithy-hdr.XXXXXX")
+    if git -C "$ROOT" show HEAD:agentsmithy.hpp >"$hdr/agentsmithy.hpp" 2>/dev/null &&
+      "$CXX" "${CXXFLAGS[@]}" -I"$hdr" -o "$CB" "$ROOT/bench/cancelbench.cpp" "${HTTPLIB[@]}" \
+        -pthread 2>>"$OUT/cancelbench.build.log"; then
+      echo "bench: cancelbench built against the committed agentsmithy.hpp (the working tree's does not build)" >&2
+      echo "HEAD" >"$CB.header"
+    else
+      echo "bench: warning: cancelbench does not build (see $OUT/cancelbench.build.log); the on_cancel scenario is skipped" >&2
+      rm -f "$CB"
+      ONLY=${ONLY//cancel/}
+    fi
+    rm -rf "$hdr"
+  else
+    echo "working tree" >"$CB.header"
+  fi
 fi
 if [[ ! -x $SERVER ]]; then
   echo "bench: building $SERVER" >&2
   make -C "$ROOT" build/agentsmithy-server >&2
+fi
+# The reference server of the threaded-generator scenario, from git.
+REF_COMMIT=${BENCH_REF_COMMIT-bac1cfc}
+REF=""
+if [[ -n $REF_COMMIT && " $ONLY " == *" thread "* ]]; then
+  ref_sha=$(git -C "$ROOT" rev-parse --short=12 "$REF_COMMIT^{commit}" 2>/dev/null) || ref_sha=""
+  if [[ -z $ref_sha ]]; then
+    echo "bench: warning: no commit $REF_COMMIT; the threaded scenario runs without a reference" >&2
+  else
+    REF=$OUT/agentsmithy-server.ref-$ref_sha
+    if [[ ! -x $REF ]]; then
+      echo "bench: building the reference server of $REF_COMMIT ($ref_sha)" >&2
+      ref_src=$(mktemp -d "${TMPDIR:-/tmp}/agentsmithy-ref.XXXXXX")
+      git -C "$ROOT" archive "$ref_sha" agentsmithy.hpp examples/server.cpp | tar -x -C "$ref_src"
+      "$CXX" -std=c++17 -O2 -I"$ref_src" -o "$REF.tmp" "$ref_src/examples/server.cpp" "${HTTPLIB[@]}" -pthread
+      mv "$REF.tmp" "$REF"
+      rm -rf "$ref_src"
+    fi
+  fi
 fi
 
 # A snapshot of the server binary: others may rebuild build/ during the run,
@@ -60,9 +135,6 @@ WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/agentsmithy-bench.XXXXXX")
 trap 'rm -rf "$WORKDIR"' EXIT
 
 # --- a shared machine -----------------------------------------------------------
-# Builds and tests of other sessions may run beside the benchmark. busy_pct
-# tells how busy the CPUs are; with BENCH_WAIT_IDLE=S each scenario first waits
-# up to S seconds for them to be under 10% busy.
 busy_pct() {  # percent of all CPU time not idle over one second
   local a b
   a=$(awk '/^cpu / {print $2+$3+$4+$5+$6+$7+$8, $5+$6}' /proc/stat)
@@ -73,178 +145,286 @@ busy_pct() {  # percent of all CPU time not idle over one second
 }
 wait_idle() {
   local limit=${BENCH_WAIT_IDLE:-0} waited=0 b
-  while (( waited < limit )); do
+  while ((waited < limit)); do
     b=$(busy_pct)
-    (( b < 10 )) && return 0
-    (( waited == 0 )) && echo "bench: the CPUs are ${b}% busy with other work; waiting up to ${limit} s" >&2
+    ((b < 10)) && return 0
+    ((waited == 0)) && echo "bench: the CPUs are ${b}% busy with other work; waiting up to ${limit} s" >&2
     waited=$((waited + 1))
   done
 }
 
 # --- running one scenario -----------------------------------------------------
 # run NAME OUTER_TIMEOUT_S SCENARIO LOADCLIENT_OPTIONS... -- SERVER_COMMAND...
-# Writes $OUT/NAME.txt (key=value), $OUT/NAME.log (server), $OUT/NAME.csv.
+# Writes $OUT/NAME.r$RUN.txt (key=value), $OUT/NAME.log (server, all runs),
+# $OUT/NAME.csv (the last run's clients).
+RUN=1
 run() {
   local name=$1 bound=$2 scenario=$3
   shift 3
   wait_idle
-  echo "bench: $name" >&2
-  : >"$OUT/$name.log"
-  local rc=0
+  echo "bench: run $RUN/$RUNS: $name" >&2
+  local rc=0 txt=$OUT/$name.r$RUN.txt
+  echo "=== run $RUN" >>"$OUT/$name.log"
   timeout --kill-after=5 "$bound" "$LC" "$scenario" --server-log "$OUT/$name.log" \
-    --dump "$OUT/$name.csv" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err" || rc=$?
+    --dump "$OUT/$name.csv" "$@" >"$txt" 2>"$OUT/$name.r$RUN.err" || rc=$?
   if [[ $rc -ne 0 ]]; then
-    echo "bench: $name: load client exit status $rc (see $OUT/$name.err)" >&2
-    echo "loadclient_status=$rc" >>"$OUT/$name.txt"
+    echo "bench: $name: load client exit status $rc (see $OUT/$name.r$RUN.err)" >&2
+    echo "loadclient_status=$rc" >>"$txt"
   fi
 }
 
-# val NAME KEY -> the value, or "-" when absent
-val() {
-  local f=$OUT/$1.txt v
-  [[ -f $f ]] || { echo "-"; return; }
-  v=$(grep -m1 "^$2=" "$f" | cut -d= -f2-) || true
-  echo "${v:--}"
-}
-
+# The agentsmithy server and the Go peer take the same command line.
 AS=("$SERVER" --workdir "$WORKDIR" --port "{PORT}")
-BL=("$BASE" --workdir "$WORKDIR" --port "{PORT}")
-
-# The agentsmithy server is connected to at 5,000 connections/s, 64 handshakes
-# in flight. The baseline listens with cpp-httplib's compiled-in backlog of 5:
-# it gets 500/s, 4 in flight, so that handshakes lost to its accept queue do
-# not dominate what is measured of its streaming.
-AS_PACE=(--connect-rate 5000 --connect-inflight 64)
-BL_PACE=(--connect-rate 500 --connect-inflight 4)
+GO=("$GOPEER" --workdir "$WORKDIR" --port "{PORT}")
+CBS=("$CB" --workdir "$WORKDIR" --port "{PORT}")
+# Up to 256 connection attempts (connect() to the status line) in flight, at
+# up to 20,000 new connections per second: the burst that issue 8 asks the
+# server to absorb without growing its thread count.
+PACE=(--connect-rate 20000 --connect-inflight 256 --inflight 256)
 
 if [[ $QUICK == 1 ]]; then
-  S1_N="100 1000"
+  H_N="100 1000"
+  T_N="1000"
   TP_TOKENS=2000
+  CANCEL_N=200
 else
-  S1_N="100 1000 5000 10000"
+  H_N="1000 5000 10000"
+  T_N="1000 3000"
   TP_TOKENS=10000
+  CANCEL_N=1000
 fi
-S1_BASE_N="100 1000"
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 
-# Say how busy the machine was, so that a run taken beside a compiler is
-# recognisable as such.
+shutdown_run() {  # NAME N -- SERVER...
+  local name=$1 n=$2
+  shift 3
+  run "$name" 150 shutdown --n "$n" --interval-ms 50 --tokens 100000 \
+    --ready-timeout 60 --drain-timeout 15 "${PACE[@]}" -- "$@" --max-streams "$n" --grace-period 10
+}
+
 BUSY_BEFORE=$(busy_pct)
-if (( BUSY_BEFORE > 10 )); then
+if ((BUSY_BEFORE > 10)); then
   echo "bench: warning: the machine is ${BUSY_BEFORE}% busy before the run; figures will be low" >&2
 fi
-
 T_START=$(date +%s)
 
-# Scenario 1: shutdown under load
-for n in $S1_N; do
-  run "s1-as-$n" 120 shutdown --n "$n" --interval-ms 50 --tokens 100000 \
-    --ready-timeout 60 --drain-timeout 15 "${AS_PACE[@]}" -- "${AS[@]}" --max-streams "$n" --grace-period 10
+for ((RUN = 1; RUN <= RUNS; RUN++)); do
+  if want handler; then  # 1: paced streams through set_stream_handler
+    for n in $H_N; do
+      shutdown_run "h-as-$n" "$n" -- "${AS[@]}" --generator "$GEN"
+      shutdown_run "h-go-$n" "$n" -- "${GO[@]}"
+    done
+  fi
+  if want thread; then  # 2: the same streams, one generator thread each
+    for n in $T_N; do
+      shutdown_run "t-as-$n" "$n" -- "${AS[@]}" --generator thread
+      [[ -n $REF ]] && shutdown_run "t-ref-$n" "$n" -- "$REF" --workdir "$WORKDIR" --port "{PORT}" --generator thread
+      # Go's figure at this N: the handler group's run when it has one.
+      if ! want handler || [[ " $H_N " != *" $n "* ]]; then
+        shutdown_run "h-go-$n" "$n" -- "${GO[@]}"
+      fi
+    done
+  fi
+  if want idle; then  # 3: idle keep-alive connections
+    for s in as go; do
+      [[ $s == as ]] && cmd=("${AS[@]}") || cmd=("${GO[@]}")
+      run "idle-$s" 60 idle --n 100 --ready-timeout 10 --drain-timeout 10 "${PACE[@]}" -- "${cmd[@]}"
+    done
+  fi
+  if want throughput; then  # 4: unpaced streams
+    for s in as go; do
+      [[ $s == as ]] && cmd=("${AS[@]}" --generator "$GEN") || cmd=("${GO[@]}")
+      run "tp-$s" 120 throughput --n 100 --tokens "$TP_TOKENS" --interval-ms 0 \
+        --run-timeout 60 --drain-timeout 10 "${PACE[@]}" -- "${cmd[@]}"
+    done
+  fi
+  if want capacity; then  # 5: over max_streams
+    for s in as go; do
+      [[ $s == as ]] && cmd=("${AS[@]}" --generator "$GEN") || cmd=("${GO[@]}")
+      run "cap-$s" 90 capacity --n 1100 --interval-ms 50 --tokens 100000 \
+        --ready-timeout 30 --drain-timeout 15 "${PACE[@]}" -- "${cmd[@]}" --max-streams 1000 --grace-period 10
+    done
+  fi
+  if want cancel; then  # 6: on_cancel latency, producers blocked in recv()
+    for mode in signal disconnect; do
+      for s in as go; do
+        stamps=$WORKDIR/stamps-$mode-$s
+        if [[ $s == as ]]; then cmd=("${CBS[@]}" --stamps "$stamps"); else cmd=("${GO[@]}" --cancel-stamps "$stamps"); fi
+        run "c$mode-$s" 90 cancel --n "$CANCEL_N" --stamps "$stamps" \
+          --disconnect "$([[ $mode == disconnect ]] && echo 1 || echo 0)" \
+          --ready-timeout 30 --drain-timeout 15 "${PACE[@]}" -- "${cmd[@]}" --max-streams "$((CANCEL_N + 100))" --grace-period 10
+      done
+    done
+  fi
 done
-for n in $S1_BASE_N; do
-  run "s1-bl-$n" 60 shutdown --n "$n" --interval-ms 50 --tokens 100000 \
-    --ready-timeout 5 --drain-timeout 10 "${BL_PACE[@]}" -- "${BL[@]}"
-done
-
-# Scenario 2: idle keep-alive connections at shutdown
-run s2-as 60 idle --n 100 --ready-timeout 10 --drain-timeout 10 "${AS_PACE[@]}" -- "${AS[@]}"
-run s2-bl 60 idle --n 100 --ready-timeout 2 --drain-timeout 10 "${BL_PACE[@]}" -- "${BL[@]}"
-
-# Scenario 3: throughput
-run s3-as 120 throughput --n 100 --tokens "$TP_TOKENS" --interval-ms 0 \
-  --run-timeout 60 --drain-timeout 10 "${AS_PACE[@]}" -- "${AS[@]}"
-run s3-bl 90 throughput --n 100 --tokens "$TP_TOKENS" --interval-ms 0 \
-  --run-timeout 30 --drain-timeout 10 "${BL_PACE[@]}" -- "${BL[@]}"
-
-# Scenario 4: capacity
-run s4-as 90 capacity --n 1100 --interval-ms 50 --tokens 100000 \
-  --ready-timeout 30 --drain-timeout 15 "${AS_PACE[@]}" -- "${AS[@]}" --max-streams 1000 --grace-period 10
 
 T_END=$(date +%s)
 BUSY_AFTER=$(busy_pct)
 
 # --- the table ----------------------------------------------------------------
-# Float comparison: ok A OP B -> exit 0 when A OP B holds.
+# med NAME KEY -> the median of KEY over the runs of NAME (numbers only; "-"
+# when none has it). With an even count, the mean of the middle two.
+med() {
+  local f vals
+  vals=$(for f in "$OUT/$1".r[0-9]*.txt; do
+    [[ -f $f ]] && grep -m1 "^$2=" "$f" | cut -d= -f2-
+  done | grep -E '^-?[0-9]+(\.[0-9]+)?$' | sort -g) || true
+  [[ -z $vals ]] && { echo "-"; return; }
+  awk '{ v[NR] = $1 } END { if (NR % 2) m = v[(NR + 1) / 2]; else m = (v[NR / 2] + v[NR / 2 + 1]) / 2;
+    if (m == int(m)) printf "%d\n", m; else printf "%.*f\n", (m < 10 ? 2 : 1), m }' <<<"$vals"
+}
+# runs NAME KEY -> every run's value, "a, b, c"
+runs() {
+  local f out=""
+  for f in "$OUT/$1".r[0-9]*.txt; do
+    [[ -f $f ]] || continue
+    out+="$(grep -m1 "^$2=" "$f" | cut -d= -f2- || echo -), "
+  done
+  echo "${out%, }"
+}
+# ratio A B -> "A/B x", or "-"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {
+  if (a !~ /^-?[0-9.]+$/ || b !~ /^-?[0-9.]+$/ || b + 0 == 0) { print "-"; exit }
+  printf "%.2fx\n", a / b }'; }
+# ok A OP B -> exit 0 when A OP B holds (A a number)
 ok() { awk -v a="$1" -v b="$3" -v op="$2" 'BEGIN {
-  if (a == "-" || a == "") exit 1
+  if (a !~ /^-?[0-9.]+$/) exit 1
   if (op == "<=") exit !(a + 0 <= b + 0); if (op == ">=") exit !(a + 0 >= b + 0)
   if (op == "==") exit !(a + 0 == b + 0); exit 1 }'; }
-# mark VALUE CONDITION_HELD -> VALUE, with " (miss)" when the target is missed
-mark() { if [[ $2 == yes ]]; then echo "$1"; else echo "$1 (miss)"; fi; }
+# ratio_ok A B OP LIMIT: the ratio A/B holds OP LIMIT
+ratio_ok() { awk -v a="$1" -v b="$2" -v op="$3" -v l="$4" 'BEGIN {
+  if (a !~ /^-?[0-9.]+$/ || b !~ /^-?[0-9.]+$/ || b + 0 == 0) exit 1
+  r = a / b; if (op == "<=") exit !(r <= l); exit !(r >= l) }'; }
+# mark VALUE yes|no|"" -> VALUE, with " (miss)" when a target is missed
+mark() { if [[ $2 == no ]]; then echo "$1 (miss)"; else echo "$1"; fi; }
 held() { if "$@"; then echo yes; else echo no; fi; }
-
-pct() {  # name -> "99.9% (n/N)"
-  local c n
-  c=$(val "$1" complete); n=$(val "$1" n)
-  [[ $c == - ]] && { echo "-"; return; }
-  echo "$(val "$1" complete_pct)% ($c/$n)"
+exit_ms() {  # NAME -> median exit time, or "killed" when any run had to be killed
+  if [[ $(runs "$1" server_killed) == *1* ]]; then echo "killed ($(runs "$1" server_killed))"; else med "$1" exit_ms; fi
 }
-exit_ms() {  # name -> exit time, or what happened instead
-  local e
-  e=$(val "$1" exit_ms)
-  if [[ $(val "$1" server_killed) == 1 ]]; then echo "no exit: killed"; else echo "$e"; fi
-}
-per_stream() { echo "$(val "$1" exit_per_stream_us) / $(val "$1" drain_cpu_per_stream_us)"; }
-rss_thr() { echo "$(val "$1" peak_rss_mib) / $(val "$1" peak_threads)"; }
-done_times() { echo "$(val "$1" done_p50_ms) / $(val "$1" done_p99_ms) / $(val "$1" done_max_ms)"; }
-t503() { echo "$(val "$1" t503_p50_ms) / $(val "$1" t503_p99_ms) / $(val "$1" t503_max_ms)"; }
 
 rows=()
-row() { rows+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
+row() { rows+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 
-for n in $S1_N; do
-  a=s1-as-$n b=s1-bl-$n
-  [[ " $S1_BASE_N " == *" $n "* ]] || b=none
-  nb() { if [[ $b == none ]]; then echo "not run"; else "$@"; fi; }
-  t_held="" t_pct="100%" t_done="" t_exit="" t_rss=""
-  c_held=yes c_pct=yes c_done=yes c_exit=yes c_rss=yes
-  c_pct=$(held ok "$(val "$a" complete_pct)" == 100)
-  if [[ $n == 1000 ]]; then
-    t_done="max <= 50"; c_done=$(held ok "$(val "$a" done_max_ms)" "<=" 50)
-    t_exit="<= 250"; c_exit=$(held ok "$(val "$a" exit_ms)" "<=" 250)
+# Rows of one paced shutdown comparison: A (agentsmithy) against G (Go).
+# Targets by N come from issue 8 (handler) or from bench/RESULTS.md (thread).
+paced_rows() {
+  local label=$1 n=$2 a=$3 g=$4 kind=$5
+  local dm_t="" dm_c="" ex_t="" ex_c="" pace_t="" pace_c="" held_t="" held_c="" rss_t="" rss_c="" thr_t="" thr_c=""
+  local am gm
+  am=$(med "$a" done_max_ms) gm=$(med "$g" done_max_ms)
+  if [[ $kind == handler ]]; then
+    if [[ $n == 10000 ]]; then
+      dm_t="<= 0.5x Go"; dm_c=$(held ratio_ok "$am" "$gm" "<=" 0.5)
+      ex_t="<= 1000"; ex_c=$(held ok "$(med "$a" exit_ms)" "<=" 1000)
+      pace_t=">= 99"; pace_c=$(held ok "$(med "$a" pace_pct)" ">=" 99)
+      held_t="$n"; held_c=$(held ok "$(med "$a" held)" == "$n")
+      rss_t="<= 1024"; rss_c=$(held ok "$(med "$a" peak_rss_mib)" "<=" 1024)
+      thr_t="<= 64"; thr_c=$(held ok "$(med "$a" peak_threads)" "<=" 64)
+    elif [[ $n == 1000 || $n == 5000 ]]; then
+      dm_t="<= 0.8x Go"; dm_c=$(held ratio_ok "$am" "$gm" "<=" 0.8)
+    fi
+  else  # thread: no regression against the reference build, same run (+10% for noise)
+    local r=t-ref-$n rd re
+    rd=$(med "$r" done_max_ms) re=$(med "$r" exit_ms)
+    if [[ $(runs "$r" server_killed) == *1* ]]; then
+      # The reference did not exit within the drain bound: an exit at all,
+      # with every client complete, is no regression.
+      dm_t="ref $rd, killed"; ex_t="ref killed after 15 s"
+      ex_c=$(held ok "$(med "$a" complete_pct)" == 100)
+      [[ $(runs "$a" server_killed) == *1* ]] && ex_c=no
+    elif [[ $rd != - ]]; then
+      dm_t="<= ref $rd +10%"; dm_c=$(held ratio_ok "$am" "$rd" "<=" 1.1)
+      ex_t="<= ref $re +10%"; ex_c=$(held ratio_ok "$(med "$a" exit_ms)" "$re" "<=" 1.1)
+    fi
+    if [[ $rd != - ]]; then
+      pace_t=">= ref $(med "$r" pace_pct) - 1"
+      pace_c=$(held ok "$(med "$a" pace_pct)" ">=" "$(awk -v p="$(med "$r" pace_pct)" 'BEGIN { print p - 1 }')")
+    fi
   fi
-  if [[ $n == 10000 ]]; then
-    t_held="10000"; c_held=$(held ok "$(val "$a" held)" == 10000)
-    t_done="max <= 1000"; c_done=$(held ok "$(val "$a" done_max_ms)" "<=" 1000)
-    t_rss="<= 1024"; c_rss=$(held ok "$(val "$a" peak_rss_mib)" "<=" 1024)
-  fi
-  row "1 shutdown under load" "$n" "streams held at the signal" "$(mark "$(val "$a" held)" "$c_held")" "$(nb val "$b" held)" "$t_held"
-  row "" "" "got error, done, final chunk" "$(mark "$(pct "$a")" "$c_pct")" "$(nb pct "$b")" "$t_pct"
-  row "" "" "signal to done p50 / p99 / max (ms)" "$(mark "$(done_times "$a")" "$c_done")" "$(nb done_times "$b")" "$t_done"
-  row "" "" "signal to process exit (ms)" "$(mark "$(exit_ms "$a")" "$c_exit")" "$(nb exit_ms "$b")" "$t_exit"
-  row "" "" "peak RSS (MiB) / peak threads" "$(mark "$(rss_thr "$a")" "$c_rss")" "$(nb rss_thr "$b")" "$t_rss"
-  row "" "" "shutdown per stream: wall / server CPU (us)" "$(per_stream "$a")" "$(nb per_stream "$b")" "grows at most linearly"
-  row "" "" "ramp-up to all streaming (s)" "$(val "$a" ramp_s)" "$(nb val "$b" ramp_s)" ""
-done
+  local c_pct
+  c_pct=$(held ok "$(med "$a" complete_pct)" == 100)
+  row "$label" "$n" "streams held at the signal" "$(mark "$(med "$a" held)" "$held_c")" "$(med "$g" held)" "" "$held_t"
+  row "" "" "asked pace delivered before the signal (%)" "$(mark "$(med "$a" pace_pct)" "$pace_c")" "$(med "$g" pace_pct)" "" "$pace_t"
+  row "" "" "got error, done, final chunk (%)" "$(mark "$(med "$a" complete_pct)" "$c_pct")" "$(med "$g" complete_pct)" "" "100"
+  row "" "" "signal to done p50 / p99 (ms)" "$(med "$a" done_p50_ms) / $(med "$a" done_p99_ms)" "$(med "$g" done_p50_ms) / $(med "$g" done_p99_ms)" "$(ratio "$(med "$a" done_p99_ms)" "$(med "$g" done_p99_ms)") (p99)" ""
+  row "" "" "signal to done max (ms)" "$(mark "$am" "$dm_c")" "$gm" "$(ratio "$am" "$gm")" "$dm_t"
+  row "" "" "signal to exit (ms)" "$(mark "$(exit_ms "$a")" "$ex_c")" "$(exit_ms "$g")" "$(ratio "$(med "$a" exit_ms)" "$(med "$g" exit_ms)")" "$ex_t"
+  row "" "" "peak RSS (MiB)" "$(mark "$(med "$a" peak_rss_mib)" "$rss_c")" "$(med "$g" peak_rss_mib)" "$(ratio "$(med "$a" peak_rss_mib)" "$(med "$g" peak_rss_mib)")" "$rss_t"
+  row "" "" "peak threads" "$(mark "$(med "$a" peak_threads)" "$thr_c")" "$(med "$g" peak_threads)" "" "$thr_t"
+  row "" "" "peak connection attempts in flight" "$(med "$a" peak_inflight)" "$(med "$g" peak_inflight)" "" "256"
+  row "" "" "server cores while streaming" "$(med "$a" settle_server_cores)" "$(med "$g" settle_server_cores)" "$(ratio "$(med "$a" settle_server_cores)" "$(med "$g" settle_server_cores)")" ""
+  row "" "" "drain CPU per stream (us)" "$(med "$a" drain_cpu_per_stream_us)" "$(med "$g" drain_cpu_per_stream_us)" "$(ratio "$(med "$a" drain_cpu_per_stream_us)" "$(med "$g" drain_cpu_per_stream_us)")" ""
+}
 
-row "2 idle keep-alive" "100" "/health answered, idle at the signal" "$(val s2-as idle_open_at_signal)" "$(val s2-bl idle_open_at_signal)" ""
-row "" "" "signal to process exit (ms)" "$(mark "$(exit_ms s2-as)" "$(held ok "$(val s2-as exit_ms)" "<=" 100)")" "$(exit_ms s2-bl)" "<= 100"
-
-row "3 throughput" "100 x $TP_TOKENS" "events/s" "$(mark "$(val s3-as events_per_s)" "$(held ok "$(val s3-as events_per_s)" ">=" 200000)")" "$(val s3-bl events_per_s)" ">= 200000"
-row "" "" "MB/s" "$(val s3-as mb_per_s)" "$(val s3-bl mb_per_s)" ""
-row "" "" "server CPU s per million events" "$(val s3-as cpu_s_per_million_events)" "$(val s3-bl cpu_s_per_million_events)" ""
-row "" "" "streams complete / seconds" "$(val s3-as streams_complete) / $(val s3-as seconds)" "$(val s3-bl streams_complete) / $(val s3-bl seconds)" ""
-
-c4=$(held ok "$(val s4-as status_503)" == 100)
-row "4 capacity (max 1000)" "1100" "streaming / 503 (with Retry-After)" "$(mark "$(val s4-as streaming) / $(val s4-as status_503) ($(val s4-as status_503_retry_after))" "$c4")" "not run" "1000 / 100"
-row "" "" "time to 503 p50 / p99 / max (ms)" "$(mark "$(t503 s4-as)" "$(held ok "$(val s4-as t503_p99_ms)" "<=" 100)")" "not run" "p99 <= 100"
-row "" "" "streams complete at the shutdown" "$(val s4-as streams_complete_at_shutdown)" "not run" ""
+if want handler; then
+  for n in $H_N; do paced_rows "1 handler (--generator $GEN)" "$n" "h-as-$n" "h-go-$n" handler; done
+fi
+if want thread; then
+  for n in $T_N; do paced_rows "2 --generator thread" "$n" "t-as-$n" "h-go-$n" thread; done
+fi
+if want idle; then
+  a=$(med idle-as exit_ms) g=$(med idle-go exit_ms)
+  row "3 idle keep-alive" 100 "/health answered, idle at the signal" "$(med idle-as idle_open_at_signal)" "$(med idle-go idle_open_at_signal)" "" ""
+  row "" "" "signal to exit (ms)" "$(mark "$(exit_ms idle-as)" "$(held ratio_ok "$a" "$g" "<=" 1)")" "$(exit_ms idle-go)" "$(ratio "$a" "$g")" "<= 1x Go"
+fi
+if want throughput; then
+  a=$(med tp-as events_per_s) g=$(med tp-go events_per_s)
+  row "4 throughput" "100 x $TP_TOKENS" "events/s" "$(mark "$a" "$(held ratio_ok "$a" "$g" ">=" 1.2)")" "$g" "$(ratio "$a" "$g")" ">= 1.2x Go"
+  row "" "" "MB/s" "$(med tp-as mb_per_s)" "$(med tp-go mb_per_s)" "$(ratio "$(med tp-as mb_per_s)" "$(med tp-go mb_per_s)")" ""
+  row "" "" "server CPU s per million events" "$(med tp-as cpu_s_per_million_events)" "$(med tp-go cpu_s_per_million_events)" "$(ratio "$(med tp-as cpu_s_per_million_events)" "$(med tp-go cpu_s_per_million_events)")" ""
+  row "" "" "streams complete / seconds" "$(med tp-as streams_complete) / $(med tp-as seconds)" "$(med tp-go streams_complete) / $(med tp-go seconds)" "" ""
+fi
+if want capacity; then
+  row "5 capacity (max 1000)" 1100 "streaming / 503 (with Retry-After)" "$(mark "$(med cap-as streaming) / $(med cap-as status_503) ($(med cap-as status_503_retry_after))" "$(held ok "$(med cap-as status_503)" == 100)")" "$(med cap-go streaming) / $(med cap-go status_503) ($(med cap-go status_503_retry_after))" "" "1000 / 100"
+  row "" "" "time to 503 p50 / p99 (ms)" "$(mark "$(med cap-as t503_p50_ms) / $(med cap-as t503_p99_ms)" "$(held ok "$(med cap-as t503_p99_ms)" "<=" 100)")" "$(med cap-go t503_p50_ms) / $(med cap-go t503_p99_ms)" "$(ratio "$(med cap-as t503_p99_ms)" "$(med cap-go t503_p99_ms)") (p99)" "p99 <= 100"
+  row "" "" "streams complete at the shutdown" "$(med cap-as streams_complete_at_shutdown)" "$(med cap-go streams_complete_at_shutdown)" "" "1000"
+fi
+if want cancel; then
+  a=csignal-as g=csignal-go
+  row "6 on_cancel, producers in recv()" "$CANCEL_N" "callbacks run / producers released" "$(med $a callbacks) / $(med $a released)" "$(med $g callbacks) / $(med $g released)" "" "$CANCEL_N / $CANCEL_N"
+  row "" "" "signal to callback p50 / p99 (ms)" "$(med $a cb_p50_ms) / $(med $a cb_p99_ms)" "$(med $g cb_p50_ms) / $(med $g cb_p99_ms)" "" ""
+  row "" "" "signal to callback max (ms)" "$(mark "$(med $a cb_max_ms)" "$(held ok "$(med $a cb_max_ms)" "<=" 10)")" "$(med $g cb_max_ms)" "$(ratio "$(med $a cb_max_ms)" "$(med $g cb_max_ms)")" "<= 10"
+  row "" "" "signal to all producers released (ms)" "$(mark "$(med $a release_max_ms)" "$(held ok "$(med $a release_max_ms)" "<=" 100)")" "$(med $g release_max_ms)" "$(ratio "$(med $a release_max_ms)" "$(med $g release_max_ms)")" "<= 100"
+  row "" "" "got error, done, final chunk (%)" "$(mark "$(med $a complete_pct)" "$(held ok "$(med $a complete_pct)" == 100)")" "$(med $g complete_pct)" "" "100"
+  row "" "" "signal to done max / exit (ms)" "$(med $a done_max_ms) / $(exit_ms $a)" "$(med $g done_max_ms) / $(exit_ms $g)" "$(ratio "$(med $a done_max_ms)" "$(med $g done_max_ms)") (done)" ""
+  a=cdisconnect-as g=cdisconnect-go
+  row "" "" "client disconnects: callbacks / released" "$(med $a callbacks) / $(med $a released)" "$(med $g callbacks) / $(med $g released)" "" "$CANCEL_N / $CANCEL_N"
+  row "" "" "disconnect to callback p50 / p99 (ms)" "$(med $a cb_p50_ms) / $(med $a cb_p99_ms)" "$(med $g cb_p50_ms) / $(med $g cb_p99_ms)" "" ""
+  row "" "" "disconnect to callback max (ms)" "$(mark "$(med $a cb_max_ms)" "$(held ok "$(med $a cb_max_ms)" "<=" 10)")" "$(med $g cb_max_ms)" "$(ratio "$(med $a cb_max_ms)" "$(med $g cb_max_ms)")" "<= 10"
+  row "" "" "disconnect to producer released max (ms)" "$(med $a release_max_ms)" "$(med $g release_max_ms)" "$(ratio "$(med $a release_max_ms)" "$(med $g release_max_ms)")" ""
+fi
 
 {
-  echo "agentsmithy benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $((T_END - T_START)) s$([[ $QUICK == 1 ]] && echo ", BENCH_QUICK=1")"
+  echo "agentsmithy benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $((T_END - T_START)) s, median of $RUNS run(s) each$([[ $QUICK == 1 ]] && echo ", BENCH_QUICK=1")"
   echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, Linux $(uname -r); CPU busy with other work: ${BUSY_BEFORE}% before the run, ${BUSY_AFTER}% after"
   echo "server: $SERVER_INFO"
-  echo "baseline: bench/baseline.cpp on cpp-httplib $(pkg-config --modversion cpp-httplib), Server::stop() on SIGTERM"
+  [[ -n $REF ]] && echo "reference (threaded generators, 'ref' in the targets): examples/server.cpp and agentsmithy.hpp of $REF_COMMIT ($(git -C "$ROOT" log -1 --format='%h %cd' --date=format:'%Y-%m-%d' "$REF_COMMIT"))"
+  echo "Go peer: bench/goserver, $(go version | awk '{print $3}') net/http, Server.Shutdown on SIGTERM; cancel bench: bench/cancelbench.cpp ($(cat "$CB.header" 2>/dev/null || echo '-') agentsmithy.hpp)"
   echo
-  echo "| scenario | N | metric | agentsmithy | baseline | target |"
-  echo "|---|---:|---|---:|---:|---|"
+  echo "| scenario | N | metric | agentsmithy | Go net/http | ratio | target |"
+  echo "|---|---:|---|---:|---:|---:|---|"
   printf '%s\n' "${rows[@]}"
   echo
   noisy=""
-  for f in "$OUT"/s[1-4]-*.txt; do
-    o=$(val "$(basename "$f" .txt)" other_busy_pct)
-    [[ $o != - ]] && (( o > 10 )) && noisy+=" $(basename "$f" .txt) ${o}%,"
+  for f in "$OUT"/*.r[0-9]*.txt; do
+    [[ -f $f ]] || continue
+    o=$(grep -m1 '^other_busy_pct=' "$f" | cut -d= -f2) || true
+    [[ $o =~ ^[0-9]+$ ]] && ((o > 10)) && noisy+=" $(basename "$f" .txt) ${o}%,"
   done
   [[ -n $noisy ]] && echo "Other processes took a share of the CPUs during:${noisy%,} (figures there are pessimistic)."
-  echo "Times from the signal, as the load client saw them. (miss): target missed."
-  echo "Raw results: $OUT/*.txt; per-client CSVs: $OUT/*.csv; server logs: $OUT/*.log."
+  failed=$(grep -l '^loadclient_status=' "$OUT"/*.r[0-9]*.txt 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ') || true
+  [[ -n $failed ]] && echo "Runs whose load client failed: $failed(see the .err files)."
+  echo "Medians over the runs; ratio = agentsmithy / Go; times from the cause (signal or disconnect) as the load client saw them. (miss): target missed."
+  echo "Per-run values: $OUT/runs.txt; raw results: $OUT/*.rK.txt; last run's clients: $OUT/*.csv; server logs: $OUT/*.log."
 } | tee "$OUT/table.md"
+
+# Every run's value of the headline figures, to see the spread behind a median.
+{
+  for f in "$OUT"/*.r1.txt; do
+    [[ -f $f ]] || continue
+    name=$(basename "$f" .r1.txt)
+    for key in held pace_pct complete_pct done_max_ms exit_ms peak_rss_mib peak_threads events_per_s t503_p99_ms cb_max_ms release_max_ms other_busy_pct; do
+      grep -q "^$key=" "$f" && echo "$name $key: $(runs "$name" "$key")"
+    done
+  done
+} >"$OUT/runs.txt"

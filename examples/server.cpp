@@ -8,7 +8,6 @@
 // Exit status: 0 after a graceful shutdown, 130 after a forced one (a second
 // signal during the drain), 1 when the server cannot start, 2 for bad usage.
 #include "agentsmithy.hpp"
-#include "wip/openai.hpp"
 
 #include <signal.h>
 #include <sys/stat.h>
@@ -206,8 +205,8 @@ agentsmithy::Logger make_logger(bool json, bool colors) {
           {"ts", utc_timestamp()}, {"level", kJson[index]}, {"msg", message}};
       if (message.compare(0, kReport.size(), kReport) == 0) {
         record["msg"] = "shutdown report";
-        record["report"] = nlohmann::ordered_json::parse(message.substr(kReport.size()), nullptr,
-                                                         false);
+        record["report"] =
+            nlohmann::ordered_json::parse(message.substr(kReport.size()), nullptr, false);
       }
       line = record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     } else if (colors) {
@@ -405,9 +404,9 @@ int main(int argc, char** argv) {
   if (options.log_level <= agentsmithy::LogLevel::info) {
     options.logger(agentsmithy::LogLevel::info,
                    "agentsmithy-server starting: workdir " + options.workdir +
-                       (options.ide.empty() ? "" : ", launched by " + options.ide) +
-                       ", serving " + serving + ", grace period " +
-                       std::to_string(options.grace_period.count()) + " ms" +
+                       (options.ide.empty() ? "" : ", launched by " + options.ide) + ", serving " +
+                       serving + ", grace period " + std::to_string(options.grace_period.count()) +
+                       " ms" +
                        (options.lame_duck.count() > 0
                             ? ", lame duck " + std::to_string(options.lame_duck.count()) + " ms"
                             : "") +

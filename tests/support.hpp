@@ -445,9 +445,12 @@ class RawClient {
   std::string body;                 // decoded
   std::vector<json> events;
   std::vector<Clock::time_point> event_times;
-  std::vector<std::string> comments;     // SSE comment lines (": ping")
-  std::vector<std::string> malformed;    // data: payloads that were not JSON
-  std::vector<std::string> other_lines;  // lines that are neither data:, comment nor blank
+  std::vector<std::string> comments;   // SSE comment lines (": ping")
+  std::vector<std::string> malformed;  // data: payloads that were not JSON
+  std::vector<std::string>
+      other_lines;                   // lines that are neither data:, id:, retry:, comment nor blank
+  std::vector<std::string> ids;      // id: values, in order
+  std::vector<std::string> retries;  // retry: values
   Clock::time_point sent_at{}, headers_at{}, complete_at{}, eof_at{}, done_at{};
   std::atomic<std::size_t> n_events{0};
   std::atomic<bool> saw_done{false};
@@ -654,6 +657,10 @@ class RawClient {
         if (has_data_) data_ += '\n';
         data_ += v;
         has_data_ = true;
+      } else if (line.rfind("id: ", 0) == 0) {  // the GET route (EventSource)
+        ids.push_back(line.substr(4));
+      } else if (line.rfind("retry: ", 0) == 0) {
+        retries.push_back(line.substr(7));
       } else {
         other_lines.push_back(line);
       }
@@ -737,6 +744,22 @@ inline void check_ended_by_shutdown(const RawClient& c) {
   CHECK(err.value("type", std::string()) == "error");
   CHECK(err.value("error", std::string()) == std::string(agentsmithy::kShutdownMessage));
   CHECK(c.count("error") == 1);
+}
+
+// A request, a health check and a short stream, each answered promptly.
+inline void check_still_serving(int port, const char* when) {
+  CAPTURE(when);
+  const auto t0 = Clock::now();
+  RawClient h(port);
+  REQUIRE(h.get("/health"));
+  CHECK(h.read_response(2000ms));
+  CHECK(h.status == 200);
+  RawClient s(port);
+  REQUIRE(s.post_chat(chat_body("hi")));
+  CHECK(s.read_to_eof(2000ms));
+  check_well_formed_stream(s);
+  const double ms = ms_since(t0);
+  CHECK(ms < 1000.0);
 }
 
 // An httplib client with short timeouts.

@@ -67,9 +67,9 @@ class BatchProducer {
           s.writer.reset();
         }
       }
-      streams.erase(std::remove_if(streams.begin(), streams.end(),
-                                   [](const Stream& s) { return !s.writer; }),
-                    streams.end());
+      streams.erase(
+          std::remove_if(streams.begin(), streams.end(), [](const Stream& s) { return !s.writer; }),
+          streams.end());
     }
   }
   const int chunks_;
@@ -217,7 +217,8 @@ TEST_CASE("handler: an error event ends the stream and done follows") {
   CHECK(c.events[0].value("error", std::string()) == "model exploded");
 }
 
-TEST_CASE("handler: a handler that throws ends the stream with an error, and the server serves on") {
+TEST_CASE(
+    "handler: a handler that throws ends the stream with an error, and the server serves on") {
   RunningServer rs(test_options(), [](Server& s) {
     s.chat_service().set_stream_handler([](const ChatRequest& req, Writer w) {
       if (req.messages.back().content == "throw") throw std::runtime_error("no model loaded");
@@ -514,7 +515,7 @@ TEST_CASE("on_cancel: a producer that ignores the shutdown is cut at the grace d
   REQUIRE(rs.wait_returned(3000ms));
   const double returned = ms_between(t0, rs.listen_returned_at());
   note("a held writer: listen() returned " + std::to_string(returned) + " ms after shutdown()");
-  CHECK(returned >= 190.0);  // the drain waited for the producer...
+  CHECK(returned >= 190.0);   // the drain waited for the producer...
   CHECK(returned <= 1000.0);  // ... until the deadline, not forever
   CHECK(rs.logs->contains("left to finish"));
   CHECK_FALSE(w->chat("too late"));
@@ -565,7 +566,8 @@ TEST_CASE("handler: shutdown with 1,000 handler streams ends every one within 50
         c->terminating_chunk) {
       ++ended;
     }
-    if (!c->event_times.empty()) last_done = std::max(last_done, ms_between(t0, c->event_times.back()));
+    if (!c->event_times.empty())
+      last_done = std::max(last_done, ms_between(t0, c->event_times.back()));
   }
   note("1,000 handler streams: last done " + std::to_string(last_done) + " ms after shutdown()");
   CHECK(ended == kStreams);

@@ -92,22 +92,6 @@ const std::string kLorisHeaders =
     "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     "Accept: text/event-stream\r\nContent-Length: 60\r\n\r\n";
 
-// A request, a health check and a short stream, each answered promptly.
-void check_still_serving(int port, const char* when) {
-  CAPTURE(when);
-  const auto t0 = Clock::now();
-  RawClient h(port);
-  REQUIRE(h.get("/health"));
-  CHECK(h.read_response(2000ms));
-  CHECK(h.status == 200);
-  RawClient s(port);
-  REQUIRE(s.post_chat(chat_body("hi")));
-  CHECK(s.read_to_eof(2000ms));
-  check_well_formed_stream(s);
-  const double ms = ms_since(t0);
-  CHECK(ms < 1000.0);
-}
-
 std::size_t count_generator_calls(std::atomic<int>& calls) {
   return static_cast<std::size_t>(calls.load());
 }

@@ -6,10 +6,6 @@
 #include "support.hpp"
 #include "upstream.hpp"
 
-#if __has_include("wip/openai.hpp")
-#include "wip/openai.hpp"
-#endif
-
 using namespace test;
 using agentsmithy::OpenAIOptions;
 using Framing = ScriptedUpstream::Framing;
@@ -111,7 +107,8 @@ void check_failure(ScriptedUpstream::Script script, const std::string& needle,
 std::vector<agentsmithy::detail::SseEvent> parse_all(const std::vector<std::string>& pieces) {
   agentsmithy::detail::SseParser p;
   std::vector<agentsmithy::detail::SseEvent> out;
-  for (const auto& s : pieces) p.feed(s, [&](const agentsmithy::detail::SseEvent& e) {
+  for (const auto& s : pieces)
+    p.feed(s, [&](const agentsmithy::detail::SseEvent& e) {
       out.push_back(e);
       return true;
     });
@@ -170,7 +167,7 @@ TEST_CASE("openai: base_url is validated at once and std::invalid_argument names
     }
     return "<accepted>";
   };
-  CHECK(why("") .find("empty") != std::string::npos);
+  CHECK(why("").find("empty") != std::string::npos);
   CHECK(why("127.0.0.1:8080/v1").find("scheme") != std::string::npos);
   CHECK(why("ftp://host/v1").find("ftp") != std::string::npos);
   CHECK(why("http:///v1").find("no host") != std::string::npos);
@@ -208,7 +205,8 @@ TEST_CASE("openai: base_url is validated at once and std::invalid_argument names
 
 TEST_CASE("openai: SSE parser takes LF, CRLF and lone CR, split anywhere") {
   const std::string stream =
-      "\xEF\xBB\xBF: comment\r\ndata: {\"a\":\"\xC3\xA9\"}\r\n\r\nevent: x\rid: 7\rdata:b1\rdata:  b2\r\r"
+      "\xEF\xBB\xBF: comment\r\ndata: {\"a\":\"\xC3\xA9\"}\r\n\r\nevent: x\rid: 7\rdata:b1\rdata:  "
+      "b2\r\r"
       "retry: 5\nunknown\ndata\n\ndata: c\n\ndata: cut off";
   const auto whole = parse_all({stream});
   REQUIRE(whole.size() == 4);
@@ -235,11 +233,11 @@ TEST_CASE("openai: SSE parser takes LF, CRLF and lone CR, split anywhere") {
 // ---------------------------------------------------------------------------
 
 TEST_CASE("openai: mapper emits chat_start, chat per non-empty delta, chat_end with usage") {
-  const auto ev = map_all({chunk_json({{"role", "assistant"}, {"content", nullptr}}),
-                           chunk_json({{"content", ""}}), chunk_json({{"content", "a"}}),
-                           chunk_json({{"content", "b"}}), chunk_json(json::object(), "length"),
-                           json{{"choices", json::array()}, {"usage", {{"total_tokens", 3}}}}.dump(),
-                           "[DONE]"});
+  const auto ev = map_all(
+      {chunk_json({{"role", "assistant"}, {"content", nullptr}}), chunk_json({{"content", ""}}),
+       chunk_json({{"content", "a"}}), chunk_json({{"content", "b"}}),
+       chunk_json(json::object(), "length"),
+       json{{"choices", json::array()}, {"usage", {{"total_tokens", 3}}}}.dump(), "[DONE]"});
   CHECK(types_of(ev) == std::vector<std::string>{"chat_start", "chat", "chat", "chat_end"});
   CHECK(ev[1]["content"] == "a");
   CHECK(ev[3]["finish_reason"] == "length");
@@ -247,10 +245,11 @@ TEST_CASE("openai: mapper emits chat_start, chat per non-empty delta, chat_end w
 }
 
 TEST_CASE("openai: mapper reads reasoning_content or reasoning, never the same text twice") {
-  const auto ev = map_all({chunk_json({{"reasoning_content", "think"}, {"reasoning", "think"}}),
-                           chunk_json({{"reasoning", " more"}}), chunk_json({{"content", "answer"}}),
-                           sse_finish().substr(6, sse_finish().size() - 8)},
-                          true);
+  const auto ev =
+      map_all({chunk_json({{"reasoning_content", "think"}, {"reasoning", "think"}}),
+               chunk_json({{"reasoning", " more"}}), chunk_json({{"content", "answer"}}),
+               sse_finish().substr(6, sse_finish().size() - 8)},
+              true);
   CHECK(types_of(ev) == std::vector<std::string>{"chat_start", "reasoning_start", "reasoning",
                                                  "reasoning", "reasoning_end", "chat", "chat_end"});
   CHECK(ev[2]["content"] == "think");
@@ -260,9 +259,13 @@ TEST_CASE("openai: mapper reads reasoning_content or reasoning, never the same t
 TEST_CASE("openai: mapper joins split tool calls, parallel ones and Ollama's reused index") {
   const auto tc = [](json call) { return chunk_json({{"tool_calls", json::array({call})}}); };
   const auto ev = map_all(
-      {tc({{"index", 0}, {"id", "call_a"}, {"type", "function"},
+      {tc({{"index", 0},
+           {"id", "call_a"},
+           {"type", "function"},
            {"function", {{"name", "get_weather"}, {"arguments", ""}}}}),
-       tc({{"index", 1}, {"id", "call_b"}, {"function", {{"name", "get_time"}, {"arguments", "{\"tz\""}}}}),
+       tc({{"index", 1},
+           {"id", "call_b"},
+           {"function", {{"name", "get_time"}, {"arguments", "{\"tz\""}}}}),
        tc({{"index", 0}, {"function", {{"arguments", "{\"city\":"}}}}),
        tc({{"index", 0}, {"function", {{"arguments", "\"Par\\u00eds\"}"}}}}),
        tc({{"index", 1}, {"function", {{"arguments", ":\"UTC\"}"}}}}),
@@ -282,11 +285,14 @@ TEST_CASE("openai: mapper joins split tool calls, parallel ones and Ollama's reu
 
 TEST_CASE("openai: mapper turns every provider's error shape into its message") {
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {R"({"error":{"message":"The server had an error","type":"server_error"}})", "The server had an error"},
+      {R"({"error":{"message":"The server had an error","type":"server_error"}})",
+       "The server had an error"},
       {R"({"error":{"code":500,"message":"llama failed","type":"server_error"}})", "llama failed"},
-      {R"({"object":"error","message":"vllm flat","type":"BadRequestError","code":400})", "vllm flat"},
+      {R"({"object":"error","message":"vllm flat","type":"BadRequestError","code":400})",
+       "vllm flat"},
       {R"({"error":"plain text"})", "plain text"},
-      {R"({"choices":[{"index":0,"delta":{},"finish_reason":"error","error":{"message":"router"}}]})", "router"},
+      {R"({"choices":[{"index":0,"delta":{},"finish_reason":"error","error":{"message":"router"}}]})",
+       "router"},
   };
   for (const auto& item : cases) {
     const std::string& data = item.first;
@@ -304,7 +310,8 @@ TEST_CASE("openai: mapper turns every provider's error shape into its message") 
   map_all({chunk_json({{"content", "x"}})}, true, &error);
   CHECK(error.find("before it finished") != std::string::npos);
   error.clear();
-  const auto ev = map_all({chunk_json({{"content", "x"}}), chunk_json(json::object(), "stop")}, true, &error);
+  const auto ev =
+      map_all({chunk_json({{"content", "x"}}), chunk_json(json::object(), "stop")}, true, &error);
   CHECK(error.empty());
   CHECK(types_of(ev).back() == "chat_end");
 }
@@ -313,7 +320,8 @@ TEST_CASE("openai: mapper turns every provider's error shape into its message") 
 // End to end: wire formats
 // ---------------------------------------------------------------------------
 
-TEST_CASE("openai: request carries model, messages in order, stream, include_usage, extra_body, key") {
+TEST_CASE(
+    "openai: request carries model, messages in order, stream, include_usage, extra_body, key") {
   ScriptedUpstream up(replay(basic_answer()));
   auto o = options_for(up);
   o.system_prompt = "Be brief.";
@@ -361,10 +369,10 @@ TEST_CASE("openai: request carries model, messages in order, stream, include_usa
 
 TEST_CASE("openai: OpenAI, llama-server and Ollama wire formats map onto the same events") {
   const std::string openai = basic_answer();
-  const std::string llama =
-      sse(chunk_json({{"role", "assistant"}, {"content", nullptr}}, nullptr, {{"timings", {{"n", 1}}}})) +
-      sse_content("Hel") + sse_content("lo") + sse(chunk_json(json::object(), "stop")) +
-      sse_usage(5, 2) + kSseDone;
+  const std::string llama = sse(chunk_json({{"role", "assistant"}, {"content", nullptr}}, nullptr,
+                                           {{"timings", {{"n", 1}}}})) +
+                            sse_content("Hel") + sse_content("lo") +
+                            sse(chunk_json(json::object(), "stop")) + sse_usage(5, 2) + kSseDone;
   const std::string ollama = sse(chunk_json({{"role", "assistant"}, {"content", "Hel"}})) +
                              sse_content("lo") + sse_content("") + sse_finish("stop") +
                              sse_usage(5, 2) + kSseDone;
@@ -389,9 +397,9 @@ TEST_CASE("openai: OpenAI, llama-server and Ollama wire formats map onto the sam
 }
 
 TEST_CASE("openai: CRLF, lone CR, comments, no space after colon, split UTF-8, no [DONE]") {
-  std::string answer = ": OPENROUTER PROCESSING\r\n\r\n" +
-                       std::string("data:") + chunk_json({{"content", "caf\xC3\xA9 "}}) + "\r\n\r\n" +
-                       ": keep-alive\r" + "data: " + chunk_json({{"content", "ok"}}) + "\r\r" +
+  std::string answer = ": OPENROUTER PROCESSING\r\n\r\n" + std::string("data:") +
+                       chunk_json({{"content", "caf\xC3\xA9 "}}) + "\r\n\r\n" + ": keep-alive\r" +
+                       "data: " + chunk_json({{"content", "ok"}}) + "\r\r" +
                        "event: message\nid: 3\n" + sse_finish("stop");  // then EOF, no [DONE]
   ScriptedUpstream up([answer](Conn& c) {
     c.head();
@@ -409,9 +417,12 @@ TEST_CASE("openai: reasoning (both field names) and tool calls end to end; strea
   const std::string answer =
       sse(chunk_json({{"reasoning_content", "Let me"}, {"reasoning", "Let me"}})) +
       sse(chunk_json({{"reasoning", " think"}})) + sse_content("Sure.") +
-      sse(chunk_json({{"tool_calls", json::array({{{"index", 0}, {"id", "c1"},
-                                                   {"function", {{"name", "f"}, {"arguments", "{\"x\""}}}}})}})) +
-      sse(chunk_json({{"tool_calls", json::array({{{"index", 0}, {"function", {{"arguments", ":1}"}}}}})}})) +
+      sse(chunk_json({{"tool_calls",
+                       json::array({{{"index", 0},
+                                     {"id", "c1"},
+                                     {"function", {{"name", "f"}, {"arguments", "{\"x\""}}}}})}})) +
+      sse(chunk_json(
+          {{"tool_calls", json::array({{{"index", 0}, {"function", {{"arguments", ":1}"}}}}})}})) +
       sse_finish("tool_calls") + kSseDone;
   ScriptedUpstream up(replay(answer));
   auto srv = proxy_server(options_for(up));
@@ -494,44 +505,67 @@ TEST_CASE("openai: HTTP error statuses carry the status and each provider's mess
   const auto status = [](int code, std::string body) {
     return [code, body](Conn& c) { c.head(code, "application/json", Framing::length, body); };
   };
-  check_failure(status(401, R"({"error":{"message":"Incorrect API key provided: )" + kKey +
-                                R"(","type":"invalid_request_error","param":null,"code":"invalid_api_key"}})"),
-                "HTTP 401: Incorrect API key provided: ***", "upstream_status");
-  check_failure(status(404, R"({"error":{"message":"model \"x\" not found","type":"not_found_error","param":null,"code":null}})"),
-                "HTTP 404: model \"x\" not found", "upstream_status");
-  check_failure(status(500, R"({"error":{"code":500,"message":"llama broke","type":"server_error"}})"),
-                "HTTP 500: llama broke", "upstream_status");
-  check_failure(status(400, R"({"object":"error","message":"vllm says no","type":"BadRequestError","param":null,"code":400})"),
-                "HTTP 400: vllm says no", "upstream_status");
   check_failure(
-      [](Conn& c) { c.head(503, "text/plain", Framing::close); c.body("overloaded\n"); },
+      status(401,
+             R"({"error":{"message":"Incorrect API key provided: )" + kKey +
+                 R"(","type":"invalid_request_error","param":null,"code":"invalid_api_key"}})"),
+      "HTTP 401: Incorrect API key provided: ***", "upstream_status");
+  check_failure(
+      status(
+          404,
+          R"({"error":{"message":"model \"x\" not found","type":"not_found_error","param":null,"code":null}})"),
+      "HTTP 404: model \"x\" not found", "upstream_status");
+  check_failure(
+      status(500, R"({"error":{"code":500,"message":"llama broke","type":"server_error"}})"),
+      "HTTP 500: llama broke", "upstream_status");
+  check_failure(
+      status(
+          400,
+          R"({"object":"error","message":"vllm says no","type":"BadRequestError","param":null,"code":400})"),
+      "HTTP 400: vllm says no", "upstream_status");
+  check_failure(
+      [](Conn& c) {
+        c.head(503, "text/plain", Framing::close);
+        c.body("overloaded\n");
+      },
       "HTTP 503: overloaded", "upstream_status");
 }
 
 TEST_CASE("openai: errors mid-stream, an invalid chunk, a close before the finish, non-SSE") {
   const auto stream = [](std::string answer) { return replay(std::move(answer)); };
-  check_failure(stream(sse_content("a") + sse(R"({"error":{"message":"The server had an error while processing your request.","type":"server_error"}})")),
-                "The server had an error", "upstream_error");
-  check_failure(stream(sse_content("a") + sse(R"({"error":{"code":500,"message":"llama mid","type":"server_error"}})")),
-                "llama mid", "upstream_error");
+  check_failure(
+      stream(
+          sse_content("a") +
+          sse(R"({"error":{"message":"The server had an error while processing your request.","type":"server_error"}})")),
+      "The server had an error", "upstream_error");
+  check_failure(
+      stream(sse_content("a") +
+             sse(R"({"error":{"code":500,"message":"llama mid","type":"server_error"}})")),
+      "llama mid", "upstream_error");
   check_failure(stream(sse_content("a") + "error: {\"code\":500,\"message\":\"old llama\"}\n\n"),
                 "old llama", "upstream_error");
-  check_failure(stream(sse_content("a") + sse(R"({"object":"error","message":"vllm mid","code":500})") + kSseDone),
+  check_failure(stream(sse_content("a") +
+                       sse(R"({"object":"error","message":"vllm mid","code":500})") + kSseDone),
                 "vllm mid", "upstream_error");
-  check_failure(stream(sse_content("a") + sse("{\"choices\":[{\"delta\":")), "invalid chunk", "upstream_protocol");
+  check_failure(stream(sse_content("a") + sse("{\"choices\":[{\"delta\":")), "invalid chunk",
+                "upstream_protocol");
   check_failure(stream(sse_content("a")), "before it finished", "upstream_protocol");
-  check_failure([](Conn& c) { c.head(200, "application/json", Framing::length, R"({"choices":[]})"); },
-                "not an event stream", "upstream_protocol");
+  check_failure(
+      [](Conn& c) { c.head(200, "application/json", Framing::length, R"({"choices":[]})"); },
+      "not an event stream", "upstream_protocol");
 }
 
 TEST_CASE("openai: read timeout while waiting for headers and when stalled mid-stream") {
   const auto tweak = [](OpenAIOptions& o) { o.read_timeout = 300ms; };
-  check_failure([](Conn& c) { c.wait_closed(); }, "no response within 300 ms", "upstream_timeout", tweak);
-  check_failure([](Conn& c) {
-    c.head();
-    c.body(sse_content("a"));
-    c.wait_closed();
-  }, "nothing received for 300 ms", "upstream_timeout", tweak);
+  check_failure([](Conn& c) { c.wait_closed(); }, "no response within 300 ms", "upstream_timeout",
+                tweak);
+  check_failure(
+      [](Conn& c) {
+        c.head();
+        c.body(sse_content("a"));
+        c.wait_closed();
+      },
+      "nothing received for 300 ms", "upstream_timeout", tweak);
 }
 
 TEST_CASE("openai: connect timeout bounds a connect that hangs") {
@@ -611,13 +645,16 @@ void check_cancel(Phase phase, Cancel how) {
 }  // namespace
 
 TEST_CASE("openai cancel: client gone, in each phase") {
-  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled}) check_cancel(p, Cancel::client_gone);
+  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled})
+    check_cancel(p, Cancel::client_gone);
 }
 TEST_CASE("openai cancel: shutdown, in each phase; final events within 50 ms") {
-  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled}) check_cancel(p, Cancel::shutdown);
+  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled})
+    check_cancel(p, Cancel::shutdown);
 }
 TEST_CASE("openai cancel: forced shutdown, in each phase") {
-  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled}) check_cancel(p, Cancel::force);
+  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled})
+    check_cancel(p, Cancel::force);
 }
 
 TEST_CASE("openai cancel: grace deadline of a non-streaming request") {
@@ -658,8 +695,8 @@ TEST_CASE("openai cancel: shutdown while still connecting is not delayed by conn
   const double done_ms = ms_between(t0, c.done_at);
   REQUIRE(srv->wait_returned(2000ms));
   const double returned_ms = ms_between(t0, srv->listen_returned_at());
-  note("shutdown while connecting: done after " + std::to_string(done_ms) + " ms, listen() returned after " +
-       std::to_string(returned_ms) + " ms");
+  note("shutdown while connecting: done after " + std::to_string(done_ms) +
+       " ms, listen() returned after " + std::to_string(returned_ms) + " ms");
   CHECK(done_ms <= 50);
   CHECK(returned_ms <= 500);
 }

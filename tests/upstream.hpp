@@ -35,7 +35,9 @@ inline std::string chunk_json(const json& delta, const json& finish_reason = nul
   return c.dump();
 }
 inline std::string sse(const std::string& data) { return "data: " + data + "\n\n"; }
-inline std::string sse_content(const std::string& text) { return sse(chunk_json({{"content", text}})); }
+inline std::string sse_content(const std::string& text) {
+  return sse(chunk_json({{"content", text}}));
+}
 inline std::string sse_finish(const std::string& reason = "stop") {
   return sse(chunk_json(json::object(), reason));
 }
@@ -84,10 +86,11 @@ class ScriptedUpstream {
               Framing framing = Framing::chunked, const std::string& length_body = "",
               const std::string& extra_headers = "") {
       framing_ = framing;
-      std::string h = "HTTP/1.1 " + std::to_string(status) + " X\r\nContent-Type: " +
-                      content_type + "\r\nConnection: close\r\n" + extra_headers;
+      std::string h = "HTTP/1.1 " + std::to_string(status) + " X\r\nContent-Type: " + content_type +
+                      "\r\nConnection: close\r\n" + extra_headers;
       if (framing == Framing::chunked) h += "Transfer-Encoding: chunked\r\n";
-      if (framing == Framing::length) h += "Content-Length: " + std::to_string(length_body.size()) + "\r\n";
+      if (framing == Framing::length)
+        h += "Content-Length: " + std::to_string(length_body.size()) + "\r\n";
       h += "\r\n";
       if (framing == Framing::length) h += length_body;
       return raw(h);

@@ -1,0 +1,3 @@
+module agentsmithy/bench/goserver
+
+go 1.19
