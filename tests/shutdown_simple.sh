@@ -138,11 +138,12 @@ else
   fail "curl was still running 5 s after the server exited"
 fi
 
-# --- the output order: chat_start, chat..., error "Server is shutting down", done
+# --- the output order: user, chat_start, chat..., error "Server is shutting down ...", done
 grep -E '^data: ' "$tmp/out.txt" | sed 's/^data: //' >"$tmp/events.txt"
 total=$(wc -l <"$tmp/events.txt")
 chats=$(grep -cE '"type": ?"chat"[,}]' "$tmp/events.txt")
 first=$(head -n 1 "$tmp/events.txt")
+second=$(sed -n 2p "$tmp/events.txt")
 last=$(tail -n 1 "$tmp/events.txt")
 before_last=$(tail -n 2 "$tmp/events.txt" | head -n 1)
 errors=$(grep -cE '"type": ?"error"' "$tmp/events.txt")
@@ -153,10 +154,15 @@ echo "note: $total events, $chats chat chunks; the last two:"
 tail -n 2 "$tmp/events.txt" | sed 's/^/  | /'
 
 if [ "$chats" -ge 3 ]; then pass "the output has chat events ($chats)"; else fail "only $chats chat events"; fi
-if grep -qE '"type": ?"chat_start"' <<<"$first"; then
-  pass "the first event is chat_start"
+if grep -qE '"type": ?"user"' <<<"$first" && grep -q '"content": \?"Tell me a long story"' <<<"$first"; then
+  pass "the first event is the user event with the query"
 else
-  fail "the first event is not chat_start: $first"
+  fail "the first event is not the user event: $first"
+fi
+if grep -qE '"type": ?"chat_start"' <<<"$second"; then
+  pass "chat_start follows it"
+else
+  fail "the second event is not chat_start: $second"
 fi
 if grep -qE '"type": ?"error"' <<<"$before_last" && grep -q '"error": \?"Server is shutting down (graceful shutdown)"' <<<"$before_last" &&
   grep -q '"code": \?"shutdown"' <<<"$before_last"; then

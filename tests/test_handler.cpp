@@ -105,6 +105,34 @@ struct Parked {
   }
 };
 
+// A server whose handler parks every writer for the test to take, and a
+// client whose request is the one parked.
+struct ParkedServer {
+  explicit ParkedServer(agentsmithy::Options options = test_options())
+      : rs(std::move(options),
+           [this](Server& s) { s.chat_service().set_stream_handler(parked.handler()); }) {}
+  // Sends `body` from `c` and takes its writer.
+  Writer open(RawClient& c, const json& body = chat_body("hi")) {
+    if (!c.connected()) c.connect_to(rs.port());
+    REQUIRE(c.post_chat(body));
+    Writer w = parked.take();
+    REQUIRE(w);
+    return w;
+  }
+  Parked parked;  // before rs: the handler refers to it
+  RunningServer rs;
+};
+
+// Opens `n` streams, each asking `text`.
+std::vector<std::unique_ptr<RawClient>> open_streams(int port, int n, const std::string& text) {
+  std::vector<std::unique_ptr<RawClient>> clients;
+  for (int i = 0; i < n; ++i) {
+    clients.push_back(std::make_unique<RawClient>(port));
+    REQUIRE(clients.back()->post_chat(chat_body(text)));
+  }
+  return clients;
+}
+
 // Records when an on_cancel callback ran, and on which thread.
 struct CancelProbe {
   std::atomic<int> runs{0};
@@ -128,18 +156,13 @@ struct CancelProbe {
 
 TEST_CASE("handler: one producer thread feeds 200 streams at once") {
   BatchProducer producer(20);
-  Parked parked;  // unused: the handler hands writers to the producer
   RunningServer rs(test_options(), [&](Server& s) {
     s.chat_service().set_stream_handler(
         [&producer](const ChatRequest&, Writer w) { producer.add(std::move(w)); });
   });
   REQUIRE(rs.ready());
   constexpr int kStreams = 200;
-  std::vector<std::unique_ptr<RawClient>> clients;
-  for (int i = 0; i < kStreams; ++i) {
-    clients.push_back(std::make_unique<RawClient>(rs.port()));
-    REQUIRE(clients.back()->post_chat(chat_body("go")));
-  }
+  auto clients = open_streams(rs.port(), kStreams, "go");
   for (auto& c : clients) {
     REQUIRE(c->read_response(10000ms));
     check_well_formed_stream(*c);
@@ -152,14 +175,11 @@ TEST_CASE("handler: one producer thread feeds 200 streams at once") {
 }
 
 TEST_CASE("handler: the stream stays open after the handler returns, until end()") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   CHECK(c.read_headers());
   CHECK(w->chat("one"));
   CHECK(c.read_count("chat", 1));
@@ -173,20 +193,17 @@ TEST_CASE("handler: the stream stays open after the handler returns, until end()
   check_well_formed_stream(c);
   CHECK(c.types() == std::vector<std::string>{"chat", "done"});
   {
-    std::lock_guard<std::mutex> lock(parked.mu);
-    CHECK(parked.handler_threads.count(std::this_thread::get_id()) == 0);  // a server thread
+    std::lock_guard<std::mutex> lock(ps.parked.mu);
+    CHECK(ps.parked.handler_threads.count(std::this_thread::get_id()) == 0);  // a server thread
   }
 }
 
 TEST_CASE("handler: releasing the last reference without end() appends done") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   Writer copy = w;
   CHECK(w->chat("a"));
   w.reset();  // another reference is left: the stream goes on
@@ -200,14 +217,11 @@ TEST_CASE("handler: releasing the last reference without end() appends done") {
 }
 
 TEST_CASE("handler: an error event ends the stream and done follows") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   CHECK(w->send({{"type", "error"}, {"error", "model exploded"}}));
   CHECK_FALSE(w->chat("late"));
   w->end();
@@ -239,14 +253,11 @@ TEST_CASE(
 }
 
 TEST_CASE("handler: stream:false is answered once the writer ends") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi", json::object(), false)));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c, chat_body("hi", json::object(), false));
   std::thread feeder([w] {
     w->chat("Hello, ");
     w->chat("world");
@@ -261,14 +272,11 @@ TEST_CASE("handler: stream:false is answered once the writer ends") {
 }
 
 TEST_CASE("handler: several threads on one writer keep every event whole and in call order") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   constexpr int kThreads = 4, kPerThread = 500;
   // Each thread numbers its own events; a thread's events must arrive in its
   // order, and every event whole (a torn frame fails the parser).
@@ -303,13 +311,11 @@ TEST_CASE("handler: several threads on one writer keep every event whole and in 
 TEST_CASE("handler: the max_streams slot is held until the writer ends") {
   agentsmithy::Options o = test_options();
   o.max_streams = 1;
-  Parked parked;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps(o);
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient a(rs.port());
-  REQUIRE(a.post_chat(chat_body("a")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient a;
+  Writer w = ps.open(a, chat_body("a"));
   a.abort();  // the client is gone, but the producer still holds the writer
   REQUIRE(wait_until([&] { return w->cancelled(); }, 2000ms));
   RawClient b(rs.port());
@@ -318,12 +324,10 @@ TEST_CASE("handler: the max_streams slot is held until the writer ends") {
   CHECK(b.status == 503);
   CHECK(b.body_json().value("code", std::string()) == "capacity");
   w.reset();  // the stream ends: its slot is free
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("c")));
+  RawClient c;
+  Writer w2 = ps.open(c, chat_body("c"));
   CHECK(c.read_headers());
   CHECK(c.status == 200);
-  Writer w2 = parked.take();
-  REQUIRE(w2);
 }
 
 TEST_CASE("handler: set_generator and set_stream_handler replace each other") {
@@ -348,17 +352,13 @@ TEST_CASE("handler: set_generator and set_stream_handler replace each other") {
 // ---------------------------------------------------------------------------
 
 TEST_CASE("on_cancel: runs once, on a server thread, within 10 ms of the client leaving") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
-  REQUIRE(rs.ready());
+  ParkedServer ps;
+  REQUIRE(ps.rs.ready());
   bool reset = true;
   SUBCASE("the client resets the connection") { reset = true; }
   SUBCASE("the client closes its side (FIN)") { reset = false; }
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   CancelProbe first, second;
   std::vector<int> order;
   std::mutex order_mu;
@@ -454,14 +454,11 @@ TEST_CASE("on_cancel: a stream that ends normally never runs its callbacks") {
 }
 
 TEST_CASE("on_cancel: registered after the cancellation, it runs at once on the calling thread") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   CHECK(c.read_headers());
   c.abort();
   REQUIRE(wait_until([&] { return w->cancelled(); }, 2000ms));
@@ -472,14 +469,11 @@ TEST_CASE("on_cancel: registered after the cancellation, it runs at once on the 
 }
 
 TEST_CASE("on_cancel: a callback that throws is logged and the rest still run") {
-  Parked parked;
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps;
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);
   CancelProbe after;
   w->on_cancel([] { throw std::runtime_error("callback bug"); });
   w->on_cancel(after.callback());
@@ -496,13 +490,11 @@ TEST_CASE("on_cancel: a callback that throws is logged and the rest still run") 
 TEST_CASE("on_cancel: a producer that ignores the shutdown is cut at the grace deadline") {
   agentsmithy::Options o = test_options();
   o.grace_period = 200ms;
-  Parked parked;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_stream_handler(parked.handler()); });
+  ParkedServer ps(o);
+  auto& rs = ps.rs;
   REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  Writer w = parked.take();  // held past the grace period
-  REQUIRE(w);
+  RawClient c;
+  Writer w = ps.open(c);  // held past the grace period
   CancelProbe probe;
   w->on_cancel(probe.callback());
   CHECK(c.read_headers());
@@ -533,11 +525,7 @@ TEST_CASE("handler: shutdown with 1,000 handler streams ends every one within 50
   });
   REQUIRE(rs.ready());
   constexpr int kStreams = 1000;
-  std::vector<std::unique_ptr<RawClient>> clients;
-  for (int i = 0; i < kStreams; ++i) {
-    clients.push_back(std::make_unique<RawClient>(rs.port()));
-    REQUIRE(clients.back()->post_chat(chat_body("go")));
-  }
+  auto clients = open_streams(rs.port(), kStreams, "go");
   for (auto& c : clients) REQUIRE(c->read_count("chat", 1, 10000ms));
   const auto t0 = Clock::now();
   rs.server().shutdown();
