@@ -1268,7 +1268,6 @@ inline void StreamHub::forget(Channel& ch) {
                             : ch.ended           ? Outcome::completed
                                                  : Outcome::client_gone;
     metrics_.count_end(outcome);
-    metrics_.events_sent.fetch_add(ch.events, std::memory_order_relaxed);
     metrics_.duration.observe(Clock::now() - ch.opened);
   }
   // Only the last one matters to a drain waiting for zero.
@@ -1406,6 +1405,7 @@ inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
 inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
   cancel_for_shutdown_locked(ch);
   if (ch.kind == ChannelKind::sse && !ch.closed) {
+    metrics_.events_sent.fetch_add(2, std::memory_order_relaxed);
     append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
   }
 }
@@ -1470,21 +1470,25 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
 
   std::string bytes;
   Channel::Leftovers left;
+  std::size_t framed = 0;
   for (std::size_t i = 0; i < count; ++i) {
     const std::string& kind = kind_of(events[i]);
     const bool is_error = kind == "error", is_done = kind == "done";
     ++ch.events;
+    ++framed;
     ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
     if (is_error || is_done) {
       if (is_error) {
         ch.errored = true;
         bytes += ch.tail_locked(std::nullopt);
+        ++framed;  // the done that follows
       }
       if (is_done && ch.format.chunked) bytes.append(kLastChunk);
       left = ch.end_locked();
       break;
     }
   }
+  metrics_.events_sent.fetch_add(framed, std::memory_order_relaxed);
   const Flow flow = queue_locked(ch, bytes);
   lock.unlock();
   settle(ch, flow);
@@ -1511,6 +1515,7 @@ inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional
   left = ch.end_locked();
   if (ch.kind == ChannelKind::collect) return Flow::closed;
   if (!was_open) return Flow::open;  // ended by an event, the shutdown or the client
+  metrics_.events_sent.fetch_add(error ? 2 : 1, std::memory_order_relaxed);
   return queue_locked(ch, ch.tail_locked(error));
 }
 
@@ -1555,6 +1560,7 @@ inline std::size_t StreamHub::end_cancelled(const std::vector<std::shared_ptr<Ch
     {
       std::lock_guard<std::mutex> lock(ch->mu);
       if (ch->closed || ch->kind != ChannelKind::sse) continue;
+      metrics_.events_sent.fetch_add(2, std::memory_order_relaxed);
       append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
       flow = flush_locked(*ch, false);
     }
