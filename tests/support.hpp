@@ -951,7 +951,9 @@ class ServerProcess {
     argv_s.insert(argv_s.end(), spec.args.begin(), spec.args.end());
     std::vector<std::string> env_s;
     const char* const dropped[] = {
-        "SERVER_HOST=", "SERVER_PORT=", "LOG_LEVEL=", "LOG_FORMAT=", "AGENTSMITHY_TOKEN="};
+        "SERVER_HOST=",    "SERVER_PORT=",       "LOG_LEVEL=",
+        "LOG_FORMAT=",     "AGENTSMITHY_TOKEN=", "OPENAI_BASE_URL=",
+        "OPENAI_API_KEY=", "AGENTSMITHY_MODEL=", "AGENTSMITHY_CORS_ORIGINS="};
     for (char** e = environ; *e; ++e) {
       bool drop = false;
       for (const char* d : dropped) drop = drop || std::strncmp(*e, d, std::strlen(d)) == 0;

@@ -423,3 +423,42 @@ TEST_CASE("Options::port_attempts takes the next free port when the first is tak
   }
   ::close(fd);
 }
+
+TEST_CASE("example server: --cors-origin, AGENTSMITHY_CORS_ORIGINS and .env fill cors_origins") {
+  const auto preflight = [](int port, const std::string& origin) {
+    RawClient c(port);
+    REQUIRE(c.request("OPTIONS", "/api/chat", "",
+                      {{"Origin", origin}, {"Access-Control-Request-Method", "POST"}}));
+    REQUIRE(c.read_response());
+    return c.status;
+  };
+  SUBCASE("repeated flags") {
+    ServerProcess p(
+        {{"--port", "0", "--cors-origin", "http://a.test", "--cors-origin", "http://b.test"},
+         {},
+         "",
+         false});
+    const int port = p.wait_ready();
+    REQUIRE(port > 0);
+    CHECK(preflight(port, "http://a.test") == 204);
+    CHECK(preflight(port, "http://b.test") == 204);
+    CHECK(preflight(port, "http://c.test") == 403);
+  }
+  SUBCASE("the environment, comma-separated") {
+    ServerProcess p({{"--port", "0"},
+                     {{"AGENTSMITHY_CORS_ORIGINS", "http://a.test, http://b.test"}},
+                     "",
+                     false});
+    const int port = p.wait_ready();
+    REQUIRE(port > 0);
+    CHECK(preflight(port, "http://b.test") == 204);
+    CHECK(preflight(port, "http://c.test") == 403);
+  }
+  SUBCASE(".env") {
+    ServerProcess p({{"--port", "0"}, {}, "AGENTSMITHY_CORS_ORIGINS=http://a.test\n", false});
+    const int port = p.wait_ready();
+    REQUIRE(port > 0);
+    CHECK(preflight(port, "http://a.test") == 204);
+    CHECK(preflight(port, "http://b.test") == 403);
+  }
+}
