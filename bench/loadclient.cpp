@@ -1011,10 +1011,15 @@ void report_shutdown(const Config& cfg, const std::vector<Conn>& conns, int64_t 
   // (the client reads everything pending just before sending it) over the
   // events asked for: the first chunk comes with the status line, then one
   // every interval, so 1 + floor((signal - status line) / interval) each.
+  // chat_at_signal is the numerator alone, for a driver that knows the
+  // asked pace better (bench/run.sh's upstream scenario: from the upstream's
+  // own stamps).
   double pace_got = 0, pace_asked = 0;
+  long long chat_at_signal = 0;
   for (const Conn& c : conns) {
     if (c.t_first_chat == 0 || (c.t_done && c.t_done < t_sig))
       continue;  // not streaming at the signal
+    chat_at_signal += c.n_chat_at_signal;
     if (cfg.interval_ms > 0 && c.t_status > 0 && c.t_status < t_sig) {
       pace_asked += 1.0 + std::floor(static_cast<double>(t_sig - c.t_status) /
                                      static_cast<double>(cfg.interval_ms * kMs));
@@ -1048,6 +1053,10 @@ void report_shutdown(const Config& cfg, const std::vector<Conn>& conns, int64_t 
   putf("done_p99_ms", percentile(to_done, 0.99));
   putf("done_max_ms", percentile(to_done, 1.0));
   putf("pace_pct", pace_asked > 0 ? 100.0 * pace_got / pace_asked : NAN, 1);
+  put("chat_at_signal", chat_at_signal);
+  // The signal's time on CLOCK_MONOTONIC, to compare with other processes'
+  // stamps (bench/upstream.cpp's closes): one clock for the whole machine.
+  put("signal_mono_ns", static_cast<long long>(t_sig));
   put_server(sp, t_sig);
   double cpu_end = server_cpu(sp);
   double drain_cpu = cpu_end - cpu_at_signal;
@@ -1083,7 +1092,7 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
   // Settle: the streams run on their own for a while; this says whether the
   // server keeps their pace (a saturated server delivers fewer events than
   // asked for) and how busy it is doing so.
-  double settle_cpu = NAN, paced_pct = NAN, settle_client = NAN;
+  double settle_cpu = NAN, paced_pct = NAN, settle_client = NAN, settle_chat_rate = NAN;
   if (!sp.exited && cfg.settle > 0) {
     auto chats = [&] {
       uint64_t k = 0;
@@ -1099,6 +1108,7 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
     double wall = static_cast<double>(s1 - s0) / 1e9;
     settle_cpu = (server_cpu(sp) - c0) / wall;
     settle_client = (client_cpu() - cl0) / wall;
+    settle_chat_rate = static_cast<double>(chats() - k0) / wall;
     long live = 0;
     for (auto& c : conns)
       if (c.t_first_chat && !ended(c)) ++live;
@@ -1122,6 +1132,11 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
   put("status_503", status_503);
   putf("settle_server_cores", settle_cpu, 2);
   putf("settle_paced_pct", paced_pct, 1);
+  // Chat events received per second while settling, and the server's CPU
+  // per chat event (a proxied token, in the upstream scenario).
+  putf("settle_chat_per_s", settle_chat_rate, 0);
+  putf("settle_cpu_us_per_chat",
+       settle_chat_rate > 0 ? settle_cpu * 1e6 / settle_chat_rate : NAN, 2);
   putf("settle_client_cores", settle_client, 2);
   putf("client_cpu_s", client_cpu(), 2);
   if (sp.exited) {

@@ -2,20 +2,31 @@
 # bench/run.sh - agentsmithy's benchmark, side by side with a Go net/http peer.
 #
 # Builds the load client (bench/loadclient.cpp), the Go peer (bench/goserver,
-# Debian's golang-go, standard library only) and the on_cancel bench server
-# (bench/cancelbench.cpp), runs every scenario of issues 3 and 8 against
+# Debian's golang-go, standard library only), the on_cancel bench server
+# (bench/cancelbench.cpp) and the fast OpenAI-compatible upstream
+# (bench/upstream.cpp), runs every scenario of issues 3 and 8 against
 # build/agentsmithy-server and the Go peer in the same run, BENCH_RUNS times
-# each (agentsmithy and Go alternating), and prints one table: the median of
-# each figure for both, their ratio, and the target.
+# each (agentsmithy and Go alternating), the upstream scenario of issue 9
+# (agentsmithy alone: the Go peer has no upstream client) BENCH_RUNS times,
+# and the rolling restart behind nginx of issue 11 (tests/ops/rolling.sh)
+# once, and prints one table: the median of each figure for both, their
+# ratio, and the target.
 #
-#   bash bench/run.sh                 # the full run (6-8 minutes on 2 idle cores)
-#   BENCH_QUICK=1 bash bench/run.sh   # smaller N, one run each (about a minute)
+#   bash bench/run.sh                 # the full run (8-10 minutes on 2 idle cores)
+#   BENCH_QUICK=1 bash bench/run.sh   # smaller N, one run each (about two minutes)
+#   BENCH_ONLY=upstream bash bench/run.sh   # one group (here issue 9's upstream)
 #
 # Environment:
-#   BENCH_RUNS=R        runs of every scenario (default 3; BENCH_QUICK: 1)
-#   BENCH_QUICK=1       N = 100 and 1,000 only, 2,000 chunks per throughput stream
+#   BENCH_RUNS=R        runs of every scenario (default 3; BENCH_QUICK: 1); the
+#                       rolling restart runs once whatever R is
+#   BENCH_QUICK=1       N = 100 and 1,000 only, 2,000 chunks per throughput
+#                       stream, 200 rolling-restart clients
 #   BENCH_ONLY=LIST     only these scenario groups (space separated):
 #                       handler thread idle throughput capacity cancel
+#                       upstream rolling
+#   BENCH_UPSTREAM_N=N  streams of the upstream scenario (default 1000)
+#   BENCH_ROLLING_CLIENTS=N  clients of the rolling restart (default 1000;
+#                       BENCH_QUICK: 200)
 #   BENCH_WAIT_IDLE=S   before each run, wait up to S s for other work on the
 #                       machine to fall under 10% of the CPUs
 #   BENCH_GENERATOR=G   --generator of agentsmithy-server for the handler
@@ -28,7 +39,8 @@
 #                       commit C (default bac1cfc, the run in bench/RESULTS.md),
 #                       built once into $OUT and run beside the current server
 #                       (--generator thread in both); empty: no reference runs
-#   SKIP_DEPS=1         do not install golang-go when `go` is missing
+#   SKIP_DEPS=1         do not install golang-go when `go` is missing (nor
+#                       nginx: tests/ops/rolling.sh installs it otherwise)
 #
 # Every run is bounded twice: by the load client's own timeouts (it SIGKILLs
 # a server that outlives them, and the server dies with it through
@@ -39,23 +51,28 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/build/bench}
 QUICK=${BENCH_QUICK:-0}
 RUNS=${BENCH_RUNS:-$([[ $QUICK == 1 ]] && echo 1 || echo 3)}
-ONLY=${BENCH_ONLY:-handler thread idle throughput capacity cancel}
+ONLY=${BENCH_ONLY:-handler thread idle throughput capacity cancel upstream rolling}
 GEN=${BENCH_GENERATOR:-handler}
 SERVER=${AGENTSMITHY_SERVER:-$ROOT/build/agentsmithy-server}
 CXX=${CXX:-g++}
 CXXFLAGS=(-std=c++17 -O2 -Wall -Wextra -Wpedantic)
 
 mkdir -p "$OUT"
-rm -f "$OUT"/*.r[0-9]*.txt "$OUT"/*.r[0-9]*.err
+rm -f "$OUT"/*.r[0-9]*.txt "$OUT"/*.r[0-9]*.err "$OUT"/*.r[0-9]*.stamps
 LC=$OUT/loadclient
 GOPEER=$OUT/goserver
 CB=$OUT/cancelbench
+UPB=$OUT/upstream
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+# The Go peer serves the scenarios of issues 3 and 8 only.
+NEED_GO=0
+for g in handler thread idle throughput capacity cancel; do want "$g" && NEED_GO=1; done
 
 # --- build ------------------------------------------------------------------
 if ! pkg-config --exists cpp-httplib 2>/dev/null; then
   make -C "$ROOT" deps >&2
 fi
-if ! command -v go >/dev/null 2>&1; then
+if ((NEED_GO)) && ! command -v go >/dev/null 2>&1; then
   if [[ -n ${SKIP_DEPS:-} ]]; then
     echo "bench: go is missing (SKIP_DEPS is set; apt-get install golang-go)" >&2
     exit 1
@@ -69,7 +86,11 @@ if [[ ! -x $LC || $ROOT/bench/loadclient.cpp -nt $LC ]]; then
   echo "bench: building loadclient" >&2
   "$CXX" "${CXXFLAGS[@]}" -o "$LC" "$ROOT/bench/loadclient.cpp"
 fi
-if [[ ! -x $GOPEER || -n $(find "$ROOT/bench/goserver" -newer "$GOPEER" -type f 2>/dev/null) ]]; then
+if want upstream && [[ ! -x $UPB || $ROOT/bench/upstream.cpp -nt $UPB ]]; then
+  echo "bench: building upstream" >&2
+  "$CXX" "${CXXFLAGS[@]}" -o "$UPB" "$ROOT/bench/upstream.cpp"
+fi
+if ((NEED_GO)) && [[ ! -x $GOPEER || -n $(find "$ROOT/bench/goserver" -newer "$GOPEER" -type f 2>/dev/null) ]]; then
   echo "bench: building goserver ($(go version))" >&2
   # Standard library only: no module download, no proxy, a private cache.
   (cd "$ROOT/bench/goserver" &&
@@ -77,17 +98,34 @@ if [[ ! -x $GOPEER || -n $(find "$ROOT/bench/goserver" -newer "$GOPEER" -type f 
       go build -trimpath -o "$GOPEER" .)
 fi
 read -ra HTTPLIB <<<"$(pkg-config --cflags --libs cpp-httplib)"
-if [[ " $ONLY " == *" cancel "* ]] &&
+# What a program that includes agentsmithy.hpp compiles and links with: the
+# Makefile's own flags, read from make itself (COMPILE's preprocessor flags,
+# without its compiler, standard, optimisation and warning flags; LINK, the
+# server's libraries: cpp-httplib, libcurl, -pthread, whatever the header
+# needs next); pkg-config's cpp-httplib flags as a fallback.
+make_var() {  # EXPR -> make's expansion of EXPR
+  make -s --no-print-directory -C "$ROOT" --eval "bench-print-var: ; @echo $1" bench-print-var 2>/dev/null
+}
+HDR_CFLAGS=() HDR_LIBS=()
+if want cancel; then
+  if hdr_libs=$(make_var '$(LINK)') && [[ -n ${hdr_libs// /} ]]; then
+    read -ra HDR_CFLAGS <<<"$(make_var '$(filter-out $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) -I. -MMD -MP,$(COMPILE))')"
+    read -ra HDR_LIBS <<<"$hdr_libs"
+  else
+    HDR_LIBS=("${HTTPLIB[@]}" -pthread)
+  fi
+fi
+if want cancel &&
   [[ ! -x $CB || $ROOT/bench/cancelbench.cpp -nt $CB || $ROOT/agentsmithy.hpp -nt $CB ]]; then
   echo "bench: building cancelbench" >&2
   # Against the working tree's header; when that does not build (an edit in
   # progress), against the committed one.
-  if ! "$CXX" "${CXXFLAGS[@]}" -I"$ROOT" -o "$CB" "$ROOT/bench/cancelbench.cpp" "${HTTPLIB[@]}" \
-    -pthread 2>"$OUT/cancelbench.build.log"; then
+  if ! "$CXX" "${CXXFLAGS[@]}" "${HDR_CFLAGS[@]}" -I"$ROOT" -o "$CB" "$ROOT/bench/cancelbench.cpp" \
+    "${HDR_LIBS[@]}" 2>"$OUT/cancelbench.build.log"; then
     hdr=$(mktemp -d "${TMPDIR:-/tmp}/agentsmithy-hdr.XXXXXX")
     if git -C "$ROOT" show HEAD:agentsmithy.hpp >"$hdr/agentsmithy.hpp" 2>/dev/null &&
-      "$CXX" "${CXXFLAGS[@]}" -I"$hdr" -o "$CB" "$ROOT/bench/cancelbench.cpp" "${HTTPLIB[@]}" \
-        -pthread 2>>"$OUT/cancelbench.build.log"; then
+      "$CXX" "${CXXFLAGS[@]}" "${HDR_CFLAGS[@]}" -I"$hdr" -o "$CB" "$ROOT/bench/cancelbench.cpp" \
+        "${HDR_LIBS[@]}" 2>>"$OUT/cancelbench.build.log"; then
       echo "bench: cancelbench built against the committed agentsmithy.hpp (the working tree's does not build)" >&2
       echo "HEAD" >"$CB.header"
     else
@@ -132,7 +170,8 @@ cp "$SERVER_SRC" "$OUT/agentsmithy-server.snapshot"
 SERVER=$OUT/agentsmithy-server.snapshot
 
 WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/agentsmithy-bench.XXXXXX")
-trap 'rm -rf "$WORKDIR"' EXIT
+UP_PID=""  # the upstream of the run in progress, stopped by its id on exit
+trap '[[ -n $UP_PID ]] && kill "$UP_PID" 2>/dev/null; rm -rf "$WORKDIR"' EXIT
 
 # --- a shared machine -----------------------------------------------------------
 busy_pct() {  # percent of all CPU time not idle over one second
@@ -193,13 +232,107 @@ else
   TP_TOKENS=10000
   CANCEL_N=1000
 fi
-want() { [[ " $ONLY " == *" $1 "* ]]; }
+UP_N=${BENCH_UPSTREAM_N:-1000}
+ROLL_N=${BENCH_ROLLING_CLIENTS:-$([[ $QUICK == 1 ]] && echo 200 || echo 1000)}
 
 shutdown_run() {  # NAME N -- SERVER...
   local name=$1 n=$2
   shift 3
   run "$name" 150 shutdown --n "$n" --interval-ms 50 --tokens 100000 \
     --ready-timeout 60 --drain-timeout 15 "${PACE[@]}" -- "$@" --max-streams "$n" --grace-period 10
+}
+
+# upstream_run N: issue 9. Starts bench/upstream (one epoll thread, a token
+# every 20 ms per stream) on a free port, runs the shutdown scenario against
+# agentsmithy-server --upstream pointing at it, then stops it with SIGTERM
+# (it writes one stamp line per connection and exits) and adds the upstream's
+# view to the run's results: when it saw each stream's connection closed,
+# from the load client's SIGTERM to the server (signal_mono_ns; both stamp
+# CLOCK_MONOTONIC, one clock for every process on the machine).
+upstream_run() {
+  local n=$1 name=up-as-$1 stamps=$OUT/up-as-$1.r$RUN.stamps line="" port="" pid
+  rm -f "$stamps" "$WORKDIR/up-deltas"
+  # The upstream's stdout is a pipe: its first line is "port=P". `timeout`
+  # bounds it if this script dies before stopping it.
+  coproc UPC { exec timeout --kill-after=5 600 "$UPB" --interval-ms 20 --stamps "$stamps" 2>>"$OUT/$name.upstream.log"; }
+  pid=${UPC_PID:-} UP_PID=${UPC_PID:-}
+  if [[ -n ${UPC[0]:-} ]]; then read -r -t 10 -u "${UPC[0]}" line || true; fi
+  port=${line#port=}
+  if [[ ! $port =~ ^[0-9]+$ ]]; then
+    echo "bench: $name: the upstream did not print its port (see $OUT/$name.upstream.log)" >&2
+    if [[ -n $pid ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    UP_PID=""
+    echo "upstream_error=no port" >"$OUT/$name.r$RUN.txt"
+    return
+  fi
+  run "$name" 150 shutdown --n "$n" --interval-ms 20 --tokens 100000 \
+    --ready-timeout 60 --drain-timeout 15 "${PACE[@]}" -- \
+    "${AS[@]}" --upstream "http://127.0.0.1:$port/v1" --max-streams 1200 --grace-period 10
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true  # bounded by the timeout around it
+  UP_PID=""
+  local txt=$OUT/$name.r$RUN.txt sig got
+  sig=$(grep -m1 '^signal_mono_ns=' "$txt" | cut -d= -f2) || true
+  got=$(grep -m1 '^chat_at_signal=' "$txt" | cut -d= -f2) || true
+  if [[ ! $sig =~ ^[0-9]+$ || ! -s $stamps ]]; then
+    echo "upstream_error=$([[ -s $stamps ]] && echo 'no signal time' || echo 'no stamp file')" >>"$txt"
+    return
+  fi
+  # Per stream (a connection whose request arrived): closed after the
+  # signal (ms from it), before it, or never seen closed. The pace: the chat
+  # events the clients had received by the signal over the tokens the
+  # upstream had due by then, one per 20 ms from the request's arrival, over
+  # the streams still open at the signal.
+  awk -v sig="$sig" -v got="${got:-0}" -v deltas="$WORKDIR/up-deltas" '
+    /^# upstream / { for (i = 3; i <= NF; i++) if ($i ~ /^sched=/) sched = substr($i, 7) }
+    !/^#/ && $3 > 0 {
+      streams++; chunks += $6
+      if ($7 / 1000 > late) late = $7 / 1000
+      if ($4 == 0 || $4 >= sig) due += int((sig - $3) / 20e6)
+      if ($4 == 0) open++
+      else if ($4 < sig) before++
+      else { d = ($4 - sig) / 1e6; print d > deltas; after++; if (d <= 100) within++ }
+    }
+    END {
+      printf "up_sched=%s\nup_late_max_ms=%.2f\n", (sched == "" ? "-" : sched), late
+      printf "up_streams=%d\nup_chunks=%d\nup_tokens_due_at_signal=%d\n", streams, chunks, due
+      if (due > 0) printf "up_pace_pct=%.1f\n", 100 * got / due; else print "up_pace_pct=-"
+      printf "up_closed_after_signal=%d\nup_closed_within_100ms=%d\n", after, within
+      printf "up_closed_before_signal=%d\nup_never_closed=%d\n", before, open
+    }' "$stamps" >>"$txt"
+  sort -g "$WORKDIR/up-deltas" | awk '
+    { v[NR] = $1 }
+    function pct(p,  r) { r = int(p * NR); if (r < p * NR) r++; if (r < 1) r = 1; return v[r] }
+    END {
+      if (NR == 0) { print "up_close_p50_ms=-\nup_close_p99_ms=-\nup_close_max_ms=-"; exit }
+      printf "up_close_p50_ms=%.2f\nup_close_p99_ms=%.2f\nup_close_max_ms=%.2f\n", pct(0.5), pct(0.99), v[NR]
+    }' >>"$txt"
+}
+
+# rolling_run: issue 11, once. tests/ops/rolling.sh CLIENTS (two instances of
+# the server snapshot behind Debian's nginx, restarted one after the other
+# under continuous streaming; it installs nginx when missing), bounded by
+# `timeout`; its rolling_client summary line becomes $OUT/rolling.r1.txt.
+rolling_run() {
+  local txt=$OUT/rolling.r1.txt log=$OUT/rolling.log rc=0 line kv
+  wait_idle
+  echo "bench: rolling restart behind nginx, $ROLL_N clients (once)" >&2
+  AGENTSMITHY_SERVER=$SERVER ROLLING_CLIENT=$OUT/rolling_client \
+    timeout --foreground -k 10 "${BENCH_ROLLING_TIMEOUT:-400}" \
+    bash "$ROOT/tests/ops/rolling.sh" "$ROLL_N" >"$log" 2>&1 || rc=$?
+  {
+    echo "rolling_status=$rc"
+    line=$(grep -m1 '^rolling_client: clients=' "$log") || true
+    # "key=value" fields of the summary; "(post=P get=G)" loses its brackets.
+    for kv in $(tr -d '()' <<<"${line#rolling_client: }"); do
+      [[ $kv == *=* ]] && echo "$kv"
+    done
+    if grep -q '^rolling restart .*: PASS' "$log"; then echo "rolling_result=PASS"; else echo "rolling_result=FAIL"; fi
+    echo "rolling_failures=$(grep -c '^FAIL: ' "$log" || true)"
+  } >"$txt"
+  if [[ $rc -ne 0 ]]; then
+    echo "bench: rolling restart: exit status $rc (see $log)" >&2
+  fi
 }
 
 BUSY_BEFORE=$(busy_pct)
@@ -256,7 +389,13 @@ for ((RUN = 1; RUN <= RUNS; RUN++)); do
       done
     done
   fi
+  if want upstream; then  # 7: streams proxied from bench/upstream.cpp (issue 9)
+    upstream_run "$UP_N"
+  fi
 done
+if want rolling; then  # 8: rolling restart behind nginx (issue 11), once
+  rolling_run
+fi
 
 T_END=$(date +%s)
 BUSY_AFTER=$(busy_pct)
@@ -394,12 +533,47 @@ if want cancel; then
   row "" "" "disconnect to producer released max (ms)" "$(med $a release_max_ms)" "$(med $g release_max_ms)" "$(ratio "$(med $a release_max_ms)" "$(med $g release_max_ms)")" ""
 fi
 
+if want upstream; then
+  a=up-as-$UP_N
+  na="no upstream client"
+  up_all=$(med "$a" up_streams)
+  row "7 upstream (--upstream; --generator n/a)" "$UP_N" "streams held at the signal" "$(mark "$(med "$a" held)" "$(held ok "$(med "$a" held)" == "$UP_N")")" "$na" "" "$UP_N"
+  row "" "" "pace delivered: chat events by the signal / tokens due (%)" "$(mark "$(med "$a" up_pace_pct)" "$(held ok "$(med "$a" up_pace_pct)" ">=" 99)")" "-" "" ">= 99"
+  row "" "" "pace delivered while streaming, last second (%)" "$(med "$a" settle_paced_pct)" "-" "" ""
+  row "" "" "got error, done, final chunk (%)" "$(mark "$(med "$a" complete_pct)" "$(held ok "$(med "$a" complete_pct)" == 100)")" "-" "" "100"
+  row "" "" "server cores while streaming" "$(mark "$(med "$a" settle_server_cores)" "$(held ok "$(med "$a" settle_server_cores)" "<=" 1)")" "-" "" "<= 1"
+  row "" "" "server CPU per proxied event (us)" "$(med "$a" settle_cpu_us_per_chat)" "-" "" ""
+  row "" "" "proxied events/s while streaming" "$(med "$a" settle_chat_per_s)" "-" "" "$((UP_N * 50))"
+  row "" "" "signal to done p50 / p99 (ms)" "$(med "$a" done_p50_ms) / $(med "$a" done_p99_ms)" "-" "" ""
+  row "" "" "signal to done max (ms)" "$(mark "$(med "$a" done_max_ms)" "$(held ok "$(med "$a" done_max_ms)" "<=" 50)")" "-" "" "<= 50"
+  row "" "" "signal to upstream saw the close p50 / p99 (ms)" "$(med "$a" up_close_p50_ms) / $(med "$a" up_close_p99_ms)" "-" "" ""
+  row "" "" "signal to upstream saw the close max (ms)" "$(mark "$(med "$a" up_close_max_ms)" "$(held ok "$(med "$a" up_close_max_ms)" "<=" 100)")" "-" "" "<= 100"
+  row "" "" "upstream connections closed within 100 ms / streams" "$(mark "$(med "$a" up_closed_within_100ms) / $up_all" "$(held ok "$(med "$a" up_closed_within_100ms)" == "$up_all")")" "-" "" "all"
+  row "" "" "closed before the signal / never closed" "$(med "$a" up_closed_before_signal) / $(med "$a" up_never_closed)" "-" "" "0 / 0"
+  row "" "" "signal to exit (ms)" "$(exit_ms "$a")" "-" "" ""
+  row "" "" "peak RSS (MiB) / threads" "$(med "$a" peak_rss_mib) / $(med "$a" peak_threads)" "-" "" ""
+  row "" "" "the upstream's own lag: latest token after its due time (ms, $(runs "$a" up_sched))" "$(med "$a" up_late_max_ms)" "-" "" ""
+fi
+if want rolling; then
+  a=rolling
+  r_res=$(runs rolling rolling_result)
+  row "8 rolling restart behind nginx (once)" "$ROLL_N" "requests served" "$(med $a requests_served)" "no peer" "" ""
+  row "" "" "streams cut by shutdown" "$(mark "$(med $a cut_by_shutdown)" "$(held ok "$(med $a cut_by_shutdown)" ">=" 1)")" "-" "" "> 0"
+  row "" "" "errors" "$(mark "$(med $a errors)" "$(held ok "$(med $a errors)" == 0)")" "-" "" "0"
+  row "" "" "503 seen by a client" "$(mark "$(med $a client_503)" "$(held ok "$(med $a client_503)" == 0)")" "-" "" "0"
+  row "" "" "wait between two streams p50 / p99 (ms)" "$(med $a wait_p50_ms) / $(med $a wait_p99_ms)" "-" "" ""
+  row "" "" "longest wait between two streams (ms)" "$(med $a max_wait_ms)" "-" "" ""
+  row "" "" "tests/ops/rolling.sh (exit status, checks failed)" "$(mark "$r_res ($(med $a rolling_status), $(med $a rolling_failures))" "$([[ $r_res == PASS ]] && echo yes || echo no)")" "-" "" "PASS"
+fi
+
 {
   echo "agentsmithy benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $((T_END - T_START)) s, median of $RUNS run(s) each$([[ $QUICK == 1 ]] && echo ", BENCH_QUICK=1")"
   echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, Linux $(uname -r); CPU busy with other work: ${BUSY_BEFORE}% before the run, ${BUSY_AFTER}% after"
   echo "server: $SERVER_INFO"
   [[ -n $REF ]] && echo "reference (threaded generators, 'ref' in the targets): examples/server.cpp and agentsmithy.hpp of $REF_COMMIT ($(git -C "$ROOT" log -1 --format='%h %cd' --date=format:'%Y-%m-%d' "$REF_COMMIT"))"
-  echo "Go peer: bench/goserver, $(go version | awk '{print $3}') net/http, Server.Shutdown on SIGTERM; cancel bench: bench/cancelbench.cpp ($(cat "$CB.header" 2>/dev/null || echo '-') agentsmithy.hpp)"
+  ((NEED_GO)) && echo "Go peer: bench/goserver, $(go version | awk '{print $3}') net/http, Server.Shutdown on SIGTERM; cancel bench: bench/cancelbench.cpp ($(cat "$CB.header" 2>/dev/null || echo '-') agentsmithy.hpp)"
+  want upstream && echo "upstream: bench/upstream.cpp, one epoll thread (SCHED_RR when permitted), a token every 20 ms per stream, on the same 2 cores; the Go peer has no upstream client"
+  want rolling && echo "rolling restart: tests/ops/rolling.sh $ROLL_N, $(nginx -v 2>&1 | sed 's/.*: //') in front of two instances, one run (log: $OUT/rolling.log)"
   echo
   echo "| scenario | N | metric | agentsmithy | Go net/http | ratio | target |"
   echo "|---|---:|---|---:|---:|---:|---|"
@@ -414,7 +588,7 @@ fi
   [[ -n $noisy ]] && echo "Other processes took a share of the CPUs during:${noisy%,} (figures there are pessimistic)."
   failed=$(grep -l '^loadclient_status=' "$OUT"/*.r[0-9]*.txt 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ') || true
   [[ -n $failed ]] && echo "Runs whose load client failed: $failed(see the .err files)."
-  echo "Medians over the runs; ratio = agentsmithy / Go; times from the cause (signal or disconnect) as the load client saw them. (miss): target missed."
+  echo "Medians over the runs$(want rolling && echo ' (the rolling restart: its one run)'); ratio = agentsmithy / Go; times from the cause (signal or disconnect) as the load client saw them$(want upstream && echo ", the upstream's closes on the same CLOCK_MONOTONIC"). (miss): target missed."
   echo "Per-run values: $OUT/runs.txt; raw results: $OUT/*.rK.txt; last run's clients: $OUT/*.csv; server logs: $OUT/*.log."
 } | tee "$OUT/table.md"
 
@@ -423,7 +597,8 @@ fi
   for f in "$OUT"/*.r1.txt; do
     [[ -f $f ]] || continue
     name=$(basename "$f" .r1.txt)
-    for key in held pace_pct complete_pct done_max_ms exit_ms peak_rss_mib peak_threads events_per_s t503_p99_ms cb_max_ms release_max_ms other_busy_pct; do
+    for key in held pace_pct complete_pct done_max_ms exit_ms peak_rss_mib peak_threads events_per_s t503_p99_ms cb_max_ms release_max_ms \
+      settle_server_cores settle_cpu_us_per_chat up_pace_pct up_close_max_ms up_closed_within_100ms requests_served cut_by_shutdown errors max_wait_ms other_busy_pct; do
       grep -q "^$key=" "$f" && echo "$name $key: $(runs "$name" "$key")"
     done
   done

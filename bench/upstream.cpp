@@ -9,33 +9,42 @@
 // its request arrived, how many chunks it sent and when the peer (the server
 // under test) closed it, on CLOCK_MONOTONIC and CLOCK_REALTIME.
 //
-//   upstream [--port P] [--interval-ms M] [--tokens T] [--stamps FILE]
+//   upstream [--port P] [--interval-ms M] [--tokens T] [--stamps FILE] [--rt 0|1]
+//
+// Token k of a stream is due k intervals after its request arrived (an
+// absolute schedule: a late token does not delay the next). With --rt 1 (the
+// default) it runs SCHED_RR, priority 1, when permitted: an upstream stands
+// for another machine, whose pace must not depend on how many runnable
+// threads the server under test has on this one.
 //
 // Prints "port=P" on stdout once listening (P = 0 picks a free port). On
 // SIGUSR1, and on SIGTERM/SIGINT before exiting, writes FILE (default
-// upstream-stamps.txt): a header line, then per connection
-//   index accepted_mono_ns request_mono_ns closed_mono_ns closed_real_ns chunks
-// (0: did not happen). GET /stats answers a one-line JSON summary:
+// upstream-stamps.txt): two header lines ("# upstream sched=... interval_ms=M"
+// and the column names), then per connection
+//   index accepted_mono_ns request_mono_ns closed_mono_ns closed_real_ns chunks max_late_us
+// (0: did not happen; max_late_us: the latest any of its tokens went out
+// after its due time, the upstream's own lag). GET /stats answers a one-line JSON summary:
 // connections, open, streaming, chunks sent, and the closes' first and last
 // times (CLOCK_MONOTONIC and CLOCK_REALTIME, ns), so a driver can compare them
 // with the moment it signalled the server (steady_clock is CLOCK_MONOTONIC).
 // Only 127.0.0.1 is listened on.
 //
-// The upstream scenario (N = 1,000, a token every 20 ms):
-//   build/bench/upstream --interval-ms 20 --stamps /tmp/up.txt > /tmp/up.out &
-//   UP=$(sed -n 's/port=//p' /tmp/up.out)
-//   build/bench/loadclient shutdown --n 1000 --interval-ms 20 --settle 3
-//     --connect-rate 20000 --connect-inflight 256 --inflight 256 --server-log /tmp/s.log
-//     -- build/agentsmithy-server --workdir /tmp --port {PORT}
-//        --upstream http://127.0.0.1:$UP/v1 --max-streams 1000 --grace-period 10
-//   curl -s http://127.0.0.1:$UP/stats   # peer_closes, first/last close times
-// loadclient gives pace_pct, settle_server_cores (CPU per event = cores /
-// events per second) and done_max_ms; the last close minus the server log's
-// "signal received" time (CLOCK_REALTIME, ms) is the upstream-closed figure.
+// The upstream scenario of bench/run.sh (N = 1,000, a token every 20 ms;
+// BENCH_ONLY=upstream) runs, per run:
+//   build/bench/upstream --interval-ms 20 --stamps STAMPS      # prints port=UP
+//   build/bench/loadclient shutdown --n 1000 --interval-ms 20 --pace-from first-chat
+//     --connect-rate 20000 --connect-inflight 256 --inflight 256 ...
+//     -- agentsmithy-server --workdir TMP --port {PORT}
+//        --upstream http://127.0.0.1:UP/v1 --max-streams 1200 --grace-period 10
+//   kill -TERM <upstream>; wait                                 # STAMPS written
+// The load client gives pace_pct, settle_server_cores, settle_cpu_us_per_chat
+// and done_max_ms, and prints signal_mono_ns (its SIGTERM, CLOCK_MONOTONIC);
+// each stream's closed_mono_ns minus that is the upstream-closed figure.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/signalfd.h>
@@ -67,6 +76,7 @@ struct Config {
   int interval_ms = 20;
   long long tokens = 1000000;
   std::string stamps = "upstream-stamps.txt";
+  bool rt = true;
 };
 
 struct Conn {
@@ -77,6 +87,7 @@ struct Conn {
   bool finished = false;  // the whole answer is queued
   long long chunks = 0;
   int64_t accepted = 0, request = 0, closed_mono = 0, closed_real = 0;
+  int64_t max_late = 0;  // ns: the latest a token went out after its due time
 };
 
 std::string chunk(const std::string& payload) {
@@ -95,6 +106,11 @@ class Upstream {
   explicit Upstream(Config cfg) : cfg_(cfg) {}
 
   int run() {
+    if (cfg_.rt) {
+      sched_param prm{};
+      prm.sched_priority = 1;
+      rt_ = sched_setscheduler(0, SCHED_RR | SCHED_RESET_ON_FORK, &prm) == 0;
+    }
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGTERM);
@@ -129,15 +145,32 @@ class Upstream {
         timeout = static_cast<int>(std::max<int64_t>(0, (due_.top().first - mono()) / 1000000 + 1));
       const int n = epoll_wait(ep_, events.data(), static_cast<int>(events.size()), timeout);
       if (n < 0 && errno != EINTR) return 1;
+      bool stop = false;
       for (int i = 0; i < n; ++i) {
         const uint64_t tag = events[i].data.u64;
         if (tag == kListen) {
           accept_all();
         } else if (tag == kSignal) {
-          if (!on_signal()) return 0;
+          if (!on_signal()) stop = true;
         } else {
           on_conn(static_cast<std::size_t>(tag), events[i].events);
         }
+      }
+      if (stop) {
+        // Closes already pending (the server under test has exited when the
+        // bench sends SIGTERM) are stamped before the file is written, not
+        // lost behind the signal: read until nothing is ready (bounded).
+        for (int round = 0; round < 1000; ++round) {
+          const int k = epoll_wait(ep_, events.data(), static_cast<int>(events.size()), 0);
+          if (k <= 0) break;
+          for (int i = 0; i < k; ++i) {
+            const uint64_t tag = events[i].data.u64;
+            if (tag != kListen && tag != kSignal)
+              on_conn(static_cast<std::size_t>(tag), events[i].events);
+          }
+        }
+        write_stamps();
+        return 0;
       }
       tick();
     }
@@ -269,6 +302,7 @@ class Upstream {
         due_.emplace(due + cfg_.interval_ms * 1000000LL, i);
         continue;
       }
+      c.max_late = std::max(c.max_late, now - due);
       if (c.chunks < cfg_.tokens) {
         ++c.chunks;
         c.out += sse(
@@ -316,30 +350,38 @@ class Upstream {
   void write_stamps() const {
     std::FILE* f = std::fopen(cfg_.stamps.c_str(), "w");
     if (!f) return;
+    std::fprintf(f, "# upstream sched=%s interval_ms=%d\n", rt_ ? "SCHED_RR" : "SCHED_OTHER",
+                 cfg_.interval_ms);
     std::fprintf(f,
-                 "# index accepted_mono_ns request_mono_ns closed_mono_ns closed_real_ns chunks\n");
+                 "# index accepted_mono_ns request_mono_ns closed_mono_ns closed_real_ns chunks "
+                 "max_late_us\n");
     for (std::size_t i = 0; i < conns_.size(); ++i) {
       const Conn& c = conns_[i];
-      std::fprintf(f, "%zu %lld %lld %lld %lld %lld\n", i, static_cast<long long>(c.accepted),
+      std::fprintf(f, "%zu %lld %lld %lld %lld %lld %lld\n", i, static_cast<long long>(c.accepted),
                    static_cast<long long>(c.request), static_cast<long long>(c.closed_mono),
-                   static_cast<long long>(c.closed_real), c.chunks);
+                   static_cast<long long>(c.closed_real), c.chunks,
+                   static_cast<long long>(c.max_late / 1000));
     }
     std::fclose(f);
   }
 
-  // False: exit.
+  // SIGUSR1 writes the stamps at once. False: SIGTERM or SIGINT, exit (the
+  // caller writes the stamps once the pending events are read).
   bool on_signal() {
     signalfd_siginfo si{};
     bool go_on = true;
-    while (read(sigfd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
-      write_stamps();
-      if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) go_on = false;
+    for (int k = 0; k < 64 && read(sigfd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si); ++k) {
+      if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT)
+        go_on = false;
+      else if (si.ssi_signo == SIGUSR1)
+        write_stamps();
     }
     return go_on;
   }
 
   Config cfg_;
   int listen_fd_ = -1, ep_ = -1, sigfd_ = -1;
+  bool rt_ = false;
   std::vector<Conn> conns_;
   std::priority_queue<std::pair<int64_t, std::size_t>, std::vector<std::pair<int64_t, std::size_t>>,
                       std::greater<>>
@@ -361,9 +403,12 @@ int main(int argc, char** argv) {
       cfg.tokens = std::atoll(v), ++i;
     } else if (a == "--stamps" && v) {
       cfg.stamps = v, ++i;
+    } else if (a == "--rt" && v) {
+      cfg.rt = std::atoi(v) != 0, ++i;
     } else {
       std::fprintf(stderr,
-                   "usage: upstream [--port P] [--interval-ms M] [--tokens T] [--stamps FILE]\n");
+                   "usage: upstream [--port P] [--interval-ms M] [--tokens T] [--stamps FILE] "
+                   "[--rt 0|1]\n");
       return 2;
     }
   }

@@ -221,6 +221,10 @@ probe_drain() {  # PORT
     out=$(curl -s -N -m 10 "http://127.0.0.1:$PORT_PROBE/api/chat?message=probe")
     [[ $out == *'"type":"chat_end"'*'"type":"done"'* ]] || ops_fail "probe GET during the drain: ${out:0:300}"
   fi
+  # nginx writes its access-log line after the response has gone out: wait
+  # for the lines (bounded) instead of reading the log at once.
+  ops_wait_grep "$NG/logs/probe.log" '"POST /api/chat ' 5 "$from" || true
+  if ((GET_EVERY > 0)); then ops_wait_grep "$NG/logs/probe.log" '"GET /api/chat' 5 "$from" || true; fi
   local lines
   lines=$(tail -c +"$((from + 1))" "$NG/logs/probe.log")
   if grep -qE '"POST /api/chat [^"]*" 200 up="[^"]*" up_status="503, 200"' <<<"$lines"; then
