@@ -4072,7 +4072,10 @@ class DemoFeeder {
       }
       const auto now = Clock::now();
       if (s->queue.top().at > now) {
-        s->cv.wait_until(lock, s->queue.top().at);
+        // A copy: wait_until keeps reading its argument, and a push while
+        // the lock is released may move the queue's storage.
+        const Clock::time_point due = s->queue.top().at;
+        s->cv.wait_until(lock, due);
         continue;
       }
       while (!s->queue.empty() && s->queue.top().at <= now && due.size() < 4096) {
