@@ -1,5 +1,5 @@
 // libFuzzer target: the SSE framing of events built from arbitrary strings
-// (agentsmithy::detail::append_event_chunk, append_chunk, dump_json).
+// (agentsmithy::detail::Channel::frame_locked, event_text, append_chunk, dump_json).
 // Generators hand the server model output that may be any bytes (an LLM token
 // cut mid-character), and a client's dialog_id is echoed on every event.
 //
@@ -104,12 +104,30 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (key != "type" && key != "content" && key != "dialog_id" && key != "n") event[key] = raw;
   event["dialog_id"] = dialog_id;
 
+  // Framed as a stream frames it: one chunk per event.
   std::string wire;
   try {
-    detail::append_event_chunk(wire, event);
-    detail::append_event_chunk(wire, detail::error_event(content));
+    detail::Channel ch(1, detail::ChannelKind::sse, -1, "fuzz", detail::StreamFormat{});
+    ch.frame_locked(wire, detail::dump_json(event));
+    ch.frame_locked(wire, detail::dump_json(detail::error_event(content, "shutdown")));
   } catch (const std::exception& e) {
-    fuzz::unexpected_exception("append_event_chunk", &e);
+    fuzz::unexpected_exception("frame_locked", &e);
+  }
+
+  // The fast path that splices a (validated) dialog_id into the dump.
+  if (detail::valid_dialog_id(dialog_id)) {
+    json plain = event;
+    plain.erase("dialog_id");
+    std::string text;
+    try {
+      text = detail::event_text(plain, dialog_id, false);
+    } catch (const std::exception& e) {
+      fuzz::unexpected_exception("event_text", &e);
+    }
+    const json spliced = json::parse(text, nullptr, false);
+    FUZZ_CHECK(!spliced.is_discarded() && spliced.is_object());
+    FUZZ_CHECK(spliced.size() == plain.size() + 1);
+    FUZZ_CHECK(spliced.value("dialog_id", std::string()) == dialog_id);
   }
 
   std::string_view rest(wire);
