@@ -293,6 +293,17 @@ export async function waitReady(server, { oldPid = null, timeout = 20000 } = {})
     { timeout, what: `status.json to say "ready" with a port and a new server_pid (old ${oldPid})`, server },
   );
   check(doc.server_pid === server.pid, `status.json names server_pid ${doc.server_pid}, not the process started (${server.pid})`, server);
+  // The trace shim records a write just after its rename: wait (bounded) for
+  // the ready write to be recorded too, so a check of the trace cannot race it.
+  if (server.trace) {
+    await waitFor(
+      () => {
+        const states = server.states();
+        return states.length > 0 && states[states.length - 1].server_status === 'ready';
+      },
+      { timeout: 5000, what: 'the trace to record the ready write', server },
+    );
+  }
   return doc;
 }
 
