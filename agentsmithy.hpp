@@ -4248,8 +4248,11 @@ inline bool Server::listen() {
     core->listen_called = true;
   }
   if (o.status_file) {
-    core->status.emplace(o.workdir, [core](LogLevel level, const std::string& message) {
-      core->log(level, message);
+    // A raw pointer: the status file is a member of the Core it logs to (a
+    // shared_ptr here would keep the Core alive forever).
+    detail::Core* const self = core.get();
+    core->status.emplace(o.workdir, [self](LogLevel level, const std::string& message) {
+      self->log(level, message);
     });
     if (const auto refused = core->status->claim(
             o.port_attempts > 1 || o.port == 0 ? std::nullopt : std::optional<int>(o.port))) {
