@@ -419,7 +419,10 @@ TEST_CASE("Options::port_attempts takes the next free port when the first is tak
     REQUIRE(rs.ready());
     CHECK(rs.port() > taken_port);
     CHECK(rs.port() <= taken_port + 19);
-    CHECK(rs.logs->contains("ready on 127.0.0.1:" + std::to_string(rs.port())));
+    // Logged just after the state turns ready: wait for it rather than race it.
+    CHECK(wait_until(
+        [&] { return rs.logs->contains("ready on 127.0.0.1:" + std::to_string(rs.port())); },
+        2000ms));
   }
   ::close(fd);
 }
