@@ -1135,8 +1135,8 @@ int run_shutdown(const Config& cfg, ServerProc& sp, int port) {
   // Chat events received per second while settling, and the server's CPU
   // per chat event (a proxied token, in the upstream scenario).
   putf("settle_chat_per_s", settle_chat_rate, 0);
-  putf("settle_cpu_us_per_chat",
-       settle_chat_rate > 0 ? settle_cpu * 1e6 / settle_chat_rate : NAN, 2);
+  putf("settle_cpu_us_per_chat", settle_chat_rate > 0 ? settle_cpu * 1e6 / settle_chat_rate : NAN,
+       2);
   putf("settle_client_cores", settle_client, 2);
   putf("client_cpu_s", client_cpu(), 2);
   if (sp.exited) {

@@ -370,7 +370,8 @@ class Upstream {
   bool on_signal() {
     signalfd_siginfo si{};
     bool go_on = true;
-    for (int k = 0; k < 64 && read(sigfd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si); ++k) {
+    for (int k = 0; k < 64 && read(sigfd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si);
+         ++k) {
       if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT)
         go_on = false;
       else if (si.ssi_signo == SIGUSR1)
