@@ -41,13 +41,17 @@ TEST_ARGS ?=
 TEST_TIMEOUT ?= 300
 SCRIPT_TIMEOUT ?= 120
 
-PACKAGES := libcpp-httplib-dev nlohmann-json3-dev doctest-dev curl pkg-config g++ make
+PACKAGES := libcpp-httplib-dev libcurl4-openssl-dev nlohmann-json3-dev doctest-dev curl pkg-config \
+            g++ make
 
 # Expanded when a recipe runs, i.e. after `deps` has installed pkg-config.
 HTTPLIB_CFLAGS = $(shell pkg-config --cflags cpp-httplib)
 HTTPLIB_LIBS   = $(shell pkg-config --libs cpp-httplib)
-COMPILE = $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) -MMD -MP
-LINK    = $(HTTPLIB_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
+# libcurl: the OpenAI upstream's HTTP client (one event-loop thread).
+CURL_CFLAGS = $(shell pkg-config --cflags libcurl)
+CURL_LIBS   = $(shell pkg-config --libs libcurl)
+COMPILE = $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) $(CURL_CFLAGS) -MMD -MP
+LINK    = $(HTTPLIB_LIBS) $(CURL_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
 
 SERVER := $(BUILD)/agentsmithy-server
 EMBED  := $(BUILD)/embed
@@ -106,11 +110,14 @@ fi
 endef
 
 # Installs the missing Debian packages; then checks that pkg-config finds
-# cpp-httplib (its cflags select the library's ABI: OpenSSL, zlib, brotli).
+# cpp-httplib (its cflags select the library's ABI: OpenSSL, zlib, brotli)
+# and libcurl.
 deps:
 	@$(call install_missing,$(PACKAGES))
 	@pkg-config --exists cpp-httplib || \
 	  { echo "error: pkg-config cannot find cpp-httplib (apt-get install libcpp-httplib-dev)" >&2; exit 1; }
+	@pkg-config --exists libcurl || \
+	  { echo "error: pkg-config cannot find libcurl (apt-get install libcurl4-openssl-dev)" >&2; exit 1; }
 
 run: $(SERVER)
 	@echo "agentsmithy-server on port 8765; Ctrl+C to shut down gracefully"
@@ -185,7 +192,9 @@ TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:history_size=4:
 # $(TSAN_HTTPLIB) (the header split off that source, and a static library), and
 # the TSan binaries use those instead of /usr/include/httplib.h and
 # libcpp-httplib.so. OpenSSL, zlib and brotli stay uninstrumented: the server
-# never calls them.
+# never calls them. libcurl (the OpenAI upstream's client) stays uninstrumented
+# too: its event-loop thread shares nothing with ours but what our own mutexes
+# guard, and TSan sees those (it intercepts pthread calls in any library).
 TSAN_HTTPLIB := $(TSAN_DIR)/cpp-httplib
 TSAN_HTTPLIB_LIB := $(TSAN_HTTPLIB)/libcpp-httplib.a
 
@@ -228,7 +237,7 @@ FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/%)
 $(FUZZ_BINS): $(FUZZ_DIR)/%: tests/fuzz/%.cpp tests/fuzz/fuzz_check.hpp agentsmithy.hpp | deps-san
 	@mkdir -p $(@D)
 	$(SAN_CXX) $(STD) $(SAN_CFLAGS) $(FUZZ_FLAGS) $(SAN_WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) \
-	  -MMD -MP -MF $@.d $< -o $@ $(LINK)
+	  $(CURL_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LINK)
 
 -include $(wildcard $(FUZZ_DIR)/*.d)
 

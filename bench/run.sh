@@ -69,7 +69,7 @@ NEED_GO=0
 for g in handler thread idle throughput capacity cancel; do want "$g" && NEED_GO=1; done
 
 # --- build ------------------------------------------------------------------
-if ! pkg-config --exists cpp-httplib 2>/dev/null; then
+if ! pkg-config --exists cpp-httplib libcurl 2>/dev/null; then
   make -C "$ROOT" deps >&2
 fi
 if ((NEED_GO)) && ! command -v go >/dev/null 2>&1; then
@@ -97,7 +97,7 @@ if ((NEED_GO)) && [[ ! -x $GOPEER || -n $(find "$ROOT/bench/goserver" -newer "$G
     GOFLAGS='' GOPROXY=off GOSUMDB=off GOPATH=$OUT/gopath GOCACHE=$OUT/gocache CGO_ENABLED=0 \
       go build -trimpath -o "$GOPEER" .)
 fi
-read -ra HTTPLIB <<<"$(pkg-config --cflags --libs cpp-httplib)"
+read -ra HTTPLIB <<<"$(pkg-config --cflags --libs cpp-httplib libcurl)"
 # What a program that includes agentsmithy.hpp compiles and links with: the
 # Makefile's own flags, read from make itself (COMPILE's preprocessor flags,
 # without its compiler, standard, optimisation and warning flags; LINK, the

@@ -6,6 +6,8 @@
 #include "support.hpp"
 #include "upstream.hpp"
 
+#include <sys/resource.h>
+
 using namespace test;
 using agentsmithy::OpenAIOptions;
 using Framing = ScriptedUpstream::Framing;
@@ -714,4 +716,141 @@ TEST_CASE("openai: many concurrent streams through one generator") {
     check_well_formed_stream(*c);
     CHECK(c->joined_chat() == "Hello");
   }
+}
+
+// ---------------------------------------------------------------------------
+// One event-loop thread for every upstream stream
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// The calling thread's voluntary context switches so far: each time it blocked
+// and was woken again.
+long thread_wakes() {
+  rusage u{};
+  ::getrusage(RUSAGE_THREAD, &u);
+  return u.ru_nvcsw;
+}
+
+int process_threads() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("Threads:", 0) == 0) return std::atoi(line.c_str() + 8);
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("openai: 200 concurrent streams; no thread per transfer, no generator wake per token") {
+  constexpr int kStreams = 200;
+  constexpr int kTokens = 50;
+  ScriptedUpstream up([](Conn& c) {
+    c.head();
+    for (int i = 0; i < kTokens; ++i) {
+      if (!c.body(sse_content("x")) || c.wait_closed(10ms)) return;  // a token every 10 ms
+    }
+    c.body(sse_finish("stop") + kSseDone);
+    c.end();
+  });
+  // The generator, wrapped to count how often its thread was woken.
+  const auto gen = agentsmithy::openai_generator(options_for(up));
+  std::mutex mu;
+  std::vector<long> wakes;
+  const auto counted = [&](const agentsmithy::ChatRequest& r, agentsmithy::StreamWriter& out) {
+    const long before = thread_wakes();
+    gen(r, out);
+    const long woken = thread_wakes() - before;
+    std::lock_guard<std::mutex> lock(mu);
+    wakes.push_back(woken);
+  };
+  const int threads_before = process_threads();
+  RunningServer srv(test_options(),
+                    [&](agentsmithy::Server& s) { s.chat_service().set_generator(counted); });
+  std::vector<std::unique_ptr<RawClient>> clients;
+  for (int i = 0; i < kStreams; ++i) {
+    clients.push_back(std::make_unique<RawClient>(srv.port()));
+    clients.back()->post_chat(chat_body("hi"));
+  }
+  REQUIRE(up.wait_requests(kStreams, 10000ms));
+  // Per stream: a generator thread in the server and a script thread in the
+  // upstream; the transport adds one loop thread for all of them.
+  const int rise = process_threads() - threads_before;
+  for (auto& c : clients) {
+    REQUIRE(c->read_to_eof(20000ms));
+    check_well_formed_stream(*c);
+    CHECK(c->count("chat") == static_cast<std::size_t>(kTokens));
+  }
+  REQUIRE(wait_until(
+      [&] {
+        std::lock_guard<std::mutex> lock(mu);
+        return wakes.size() == static_cast<std::size_t>(kStreams);
+      },
+      5000ms));
+  std::sort(wakes.begin(), wakes.end());
+  note("200 upstream streams x 50 tokens: threads +" + std::to_string(rise) +
+       "; generator thread wakes median " + std::to_string(wakes[kStreams / 2]) + ", max " +
+       std::to_string(wakes.back()));
+  CHECK(rise <= 2 * kStreams + 32);
+  // A thread reading its own upstream socket is woken at least once a token.
+  CHECK(wakes.back() <= kTokens / 5);
+}
+
+TEST_CASE("openai: a client that does not read pauses its own upstream, not the loop") {
+  // The slow stream's upstream writes 16 KiB chunks without blocking; once the
+  // path to our server has been full for 200 ms (no write went through), our
+  // server has stopped reading that upstream. Then other streams must still
+  // flow, and once the slow client reads, every byte must arrive.
+  const std::string piece(16 * 1024, 'p');
+  std::atomic<bool> stalled{false}, release{false};
+  std::atomic<std::size_t> sent_pieces{0};
+  ScriptedUpstream up([&](Conn& c) {
+    if (c.request().body_json()["messages"][0]["content"] != "big") {
+      replay(basic_answer())(c);
+      return;
+    }
+    c.head();
+    std::string frame = sse_content(piece);
+    char size[32];
+    std::snprintf(size, sizeof size, "%zx\r\n", frame.size());
+    frame = size + frame + "\r\n";  // one chunk of the chunked body
+    while (!release && sent_pieces < 16384) {
+      std::string_view rest = frame;
+      while (!rest.empty()) {
+        const ssize_t n = ::send(c.fd(), rest.data(), rest.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+          rest.remove_prefix(static_cast<std::size_t>(n));
+          continue;
+        }
+        if (n < 0 && errno != EAGAIN && errno != EINTR) return;
+        pollfd p{c.fd(), POLLOUT, 0};
+        if (::poll(&p, 1, 200) == 0) stalled = true;  // 200 ms and not a byte taken
+        if (release && rest.size() == frame.size()) break;
+      }
+      if (rest.empty()) ++sent_pieces;
+    }
+    c.body(sse_finish("stop") + kSseDone);
+    c.end();
+  });
+  auto o = test_options();
+  o.write_timeout = 60000ms;  // the slow client is not dropped meanwhile
+  auto srv = proxy_server(options_for(up), o);
+  RawClient slow;
+  REQUIRE(slow.connect_to(srv->port(), 4096));
+  slow.post_chat(chat_body("big"));
+  REQUIRE(wait_until([&] { return stalled.load(); }, 20000ms));
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = Clock::now();
+    auto c = chat(*srv);
+    check_well_formed_stream(*c);
+    CHECK(c->joined_chat() == "Hello");
+    CHECK(ms_since(t0) < 2000);  // a loop blocked in the slow client's send() would wait
+  }
+  release = true;
+  REQUIRE(slow.read_to_eof(60000ms));
+  check_well_formed_stream(slow);
+  note("a client that did not read: its upstream paused, then " +
+       std::to_string(sent_pieces.load() * piece.size() >> 20) + " MiB arrived whole");
+  CHECK(slow.joined_chat().size() == sent_pieces.load() * piece.size());
+  CHECK(slow.count("chat_end") == 1);
 }

@@ -80,6 +80,7 @@ class ScriptedUpstream {
     Conn(ScriptedUpstream& up, std::size_t index, int fd) : up_(up), index_(index), fd_(fd) {}
     std::size_t index() const { return index_; }
     const Request& request() const { return request_; }
+    int fd() const { return fd_; }
 
     // The status line and headers. Framing::length needs the whole body now.
     bool head(int status = 200, const std::string& content_type = "text/event-stream",
