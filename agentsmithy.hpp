@@ -1102,10 +1102,12 @@ class StreamHub {
   void on_cancel(Channel& ch, std::function<void()> callback);
 
   // The drain's first step: every open stream is cancelled (from here on
-  // its producer's writes are no-ops) and its on_cancel callbacks run, so
-  // that producers blocked in a call are let go within milliseconds. Returns
-  // the streams it cancelled, for end_cancelled().
+  // its producer's writes are no-ops). Returns the streams it cancelled, for
+  // run_cancel_callbacks() and end_cancelled().
   std::vector<std::shared_ptr<Channel>> cancel_all_for_shutdown();
+  // Their on_cancel callbacks, so that producers blocked in a call are let go
+  // within milliseconds.
+  void run_cancel_callbacks(const std::vector<std::shared_ptr<Channel>>& cancelled);
   // The next: each of them gets error + done + last chunk, written by this one
   // thread, before any producer is woken. Returns how many.
   std::size_t end_cancelled(const std::vector<std::shared_ptr<Channel>>& ending);
@@ -1540,7 +1542,7 @@ inline std::vector<std::shared_ptr<Channel>> StreamHub::cancel_all_for_shutdown(
     all.reserve(channels_.size());
     for (const auto& entry : channels_) all.push_back(entry.second);
   }
-  // 1. Cancel every stream: from here on its producer's writes and end are
+  // Cancel every stream: from here on its producer's writes and end are
   // no-ops.
   std::vector<std::shared_ptr<Channel>> ending;
   ending.reserve(all.size());
@@ -1550,9 +1552,12 @@ inline std::vector<std::shared_ptr<Channel>> StreamHub::cancel_all_for_shutdown(
     cancel_for_shutdown_locked(*ch);
     ending.push_back(ch);
   }
-  // 2. The on_cancel callbacks.
-  for (const auto& ch : ending) run_cancel_callbacks(*ch);
   return ending;
+}
+
+inline void StreamHub::run_cancel_callbacks(
+    const std::vector<std::shared_ptr<Channel>>& cancelled) {
+  for (const auto& ch : cancelled) run_cancel_callbacks(*ch);
 }
 
 inline std::size_t StreamHub::end_cancelled(const std::vector<std::shared_ptr<Channel>>& ending) {
@@ -1720,6 +1725,18 @@ class WorkerPool final : public httplib::TaskQueue {
     }
     state_->monitor_cv.notify_one();
   }
+
+  // What cpp-httplib's accept loop gets, owns and deletes: the pool itself
+  // is shut down by its owner.
+  class Ref final : public httplib::TaskQueue {
+   public:
+    explicit Ref(WorkerPool& pool) : pool_(pool) {}
+    void enqueue(std::function<void()> task) override { pool_.enqueue(std::move(task)); }
+    void shutdown() override {}
+
+   private:
+    WorkerPool& pool_;
+  };
 
   // Waits briefly for the workers to exit; any still busy then is stuck in a
   // generator and left to finish on its own.
@@ -2270,6 +2287,9 @@ struct Core {
   // The shutdown starts (the lame duck, if any, then the drain). `cause` is
   // recorded for the report by whoever asks first.
   void request_shutdown(ShutdownReport::Cause cause = ShutdownReport::Cause::shutdown) {
+    // Without a lame duck, requests are refused from this moment, not from
+    // when the listen thread gets to begin_drain().
+    if (options.lame_duck.count() == 0 || forced) draining = true;
     if (!stopping.exchange(true)) {
       {
         std::lock_guard<std::mutex> lock(mu);
@@ -2451,6 +2471,232 @@ inline bool constant_time_equal(std::string_view given, std::string_view secret)
   }
   return diff == 0;
 }
+
+// ===========================================================================
+// Waiting room: connections between two requests wait in epoll, not a thread
+// ===========================================================================
+
+// A connection that has no request to read yet (just accepted, or idle
+// between two keep-alive requests) waits here, all of them on one thread,
+// instead of holding a worker in poll(): a burst of connects or a hundred
+// idle keep-alive clients costs no thread each. When a connection's bytes
+// arrive (or its peer closes) `resume(fd, served)` hands it back to the
+// worker pool, `served` being how many requests it has already had. A
+// connection that waits longer than read_timeout (for its first request) or
+// keep_alive_timeout (for a later one) is closed here. When the drain starts
+// every idle keep-alive connection is closed at once, and one still waiting
+// for its first request gets at most kFirstRequestGrace more for it to arrive
+// (it deserves its 503), so that a client that says nothing cannot hold up
+// the drain. After stop() a connection offered to park() is closed.
+class WaitingRoom {
+ public:
+  static constexpr std::chrono::milliseconds kFirstRequestGrace{50};
+  using Resume = std::function<void(int fd, std::size_t served)>;
+
+  WaitingRoom(Core& core, Resume resume) : core_(core), resume_(std::move(resume)) {
+    epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
+    stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (epoll_fd_ < 0 || stop_fd_ < 0) {
+      const int err = errno;
+      close_fds();
+      throw std::system_error(err, std::generic_category(), "waiting room");
+    }
+    watch(stop_fd_, kStopTag, EPOLLIN);
+    // One-shot: the drain's wake_fd stays readable for good.
+    watch(core_.wake_fd, kDrainTag, EPOLLIN | EPOLLONESHOT);
+    thread_ = std::thread([this] { run(); });
+  }
+  ~WaitingRoom() {
+    stop();
+    close_fds();
+  }
+  WaitingRoom(const WaitingRoom&) = delete;
+  WaitingRoom& operator=(const WaitingRoom&) = delete;
+
+  void park(int fd, std::size_t served) {
+    const Clock::time_point now = Clock::now();
+    std::unique_lock<std::mutex> lock(mu_);
+    const bool first = served == 0;
+    if (stopped_ || (draining_ && !first)) {
+      const bool idle_at_drain = !stopped_;
+      lock.unlock();
+      if (idle_at_drain) ++core_.idle_closed;
+      close_connection(fd);
+      return;
+    }
+    const std::uint32_t gen = ++next_gen_;
+    Clock::time_point deadline =
+        now + (first ? core_.options.read_timeout : core_.options.keep_alive_timeout);
+    if (draining_) deadline = std::min(deadline, now + kFirstRequestGrace);
+    parked_[fd] = Parked{gen, served};
+    (first ? first_ : idle_).push_back(Deadline{deadline, fd, gen});
+    // The thread sleeps until its next deadline: wake it if this one is sooner.
+    const bool sooner = !next_wake_ || deadline < *next_wake_;
+    if (sooner) next_wake_ = deadline;
+    lock.unlock();
+    watch(fd, tag(fd, gen), EPOLLIN | EPOLLRDHUP | EPOLLONESHOT);
+    if (sooner) poke();
+  }
+
+  // Closes every connection still waiting; park() closes from now on.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopped_) return;
+      stopped_ = true;
+    }
+    const std::uint64_t one = 1;
+    const ssize_t w = ::write(stop_fd_, &one, sizeof one);
+    (void)w;
+    if (thread_.joinable()) thread_.join();
+    std::vector<int> left;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& entry : parked_) left.push_back(entry.first);
+      parked_.clear();
+      first_.clear();
+      idle_.clear();
+    }
+    for (const int fd : left) close_connection(fd);
+  }
+
+ private:
+  struct Parked {
+    std::uint32_t gen;
+    std::size_t served;
+  };
+  struct Deadline {
+    Clock::time_point at;
+    int fd;
+    std::uint32_t gen;
+  };
+  static constexpr std::uint64_t kStopTag = ~std::uint64_t{0};
+  static constexpr std::uint64_t kDrainTag = kStopTag - 1;
+  static std::uint64_t tag(int fd, std::uint32_t gen) {
+    return (std::uint64_t{gen} << 32) | static_cast<std::uint32_t>(fd);
+  }
+
+  void watch(int fd, std::uint64_t data, std::uint32_t events) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.u64 = data;
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  }
+  // Wakes the thread to recompute its timeout.
+  void poke() {
+    const std::uint64_t one = 1;
+    const ssize_t w = ::write(stop_fd_, &one, sizeof one);
+    (void)w;
+  }
+  void close_fds() {
+    if (epoll_fd_ >= 0) ::close(epoll_fd_);
+    if (stop_fd_ >= 0) ::close(stop_fd_);
+    epoll_fd_ = stop_fd_ = -1;
+  }
+  void close_connection(int fd) {
+    core_.remove_connection(fd);
+    ::close(fd);
+  }
+
+  // Takes `fd` out of the room if `gen` is still its stay; returns whether it was.
+  bool take_locked(int fd, std::uint32_t gen, std::size_t* served) {
+    const auto it = parked_.find(fd);
+    if (it == parked_.end() || it->second.gen != gen) return false;
+    if (served) *served = it->second.served;
+    parked_.erase(it);
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+    return true;
+  }
+
+  // Drops stale entries and collects the expired ones; returns the wait until
+  // the next deadline (-1: none).
+  int expire_locked(Clock::time_point now, std::vector<int>& expired) {
+    std::optional<Clock::time_point> next;
+    for (std::deque<Deadline>* queue : {&first_, &idle_}) {
+      while (!queue->empty()) {
+        const Deadline& d = queue->front();
+        const auto it = parked_.find(d.fd);
+        if (it == parked_.end() || it->second.gen != d.gen) {
+          queue->pop_front();
+          continue;
+        }
+        if (d.at > now) {
+          if (!next || d.at < *next) next = d.at;
+          break;
+        }
+        take_locked(d.fd, d.gen, nullptr);
+        expired.push_back(d.fd);
+        queue->pop_front();
+      }
+    }
+    next_wake_ = next;
+    if (!next) return -1;
+    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(*next - now).count();
+    return static_cast<int>(std::min<long long>(wait, 60000));
+  }
+
+  void begin_drain_locked(Clock::time_point now, std::vector<int>& idle) {
+    draining_ = true;
+    for (const Deadline& d : idle_) {
+      if (take_locked(d.fd, d.gen, nullptr)) idle.push_back(d.fd);
+    }
+    idle_.clear();
+    // Deadlines stay ordered: the minimum of an ordered list and a constant.
+    for (Deadline& d : first_) d.at = std::min(d.at, now + kFirstRequestGrace);
+  }
+
+  void run() {
+    epoll_event events[256];
+    std::vector<std::pair<int, std::size_t>> ready;
+    std::vector<int> closing;
+    int timeout = -1;
+    for (;;) {
+      const int n = ::epoll_wait(epoll_fd_, events, 256, timeout);
+      if (n < 0 && errno != EINTR) break;
+      ready.clear();
+      closing.clear();
+      std::size_t idle_closed = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopped_) break;
+        const Clock::time_point now = Clock::now();
+        for (int i = 0; i < n; ++i) {
+          const std::uint64_t data = events[i].data.u64;
+          if (data == kStopTag) {
+            std::uint64_t drained;
+            const ssize_t r = ::read(stop_fd_, &drained, sizeof drained);
+            (void)r;
+          } else if (data == kDrainTag) {
+            const std::size_t before = closing.size();
+            begin_drain_locked(now, closing);
+            idle_closed += closing.size() - before;
+          } else {
+            const int fd = static_cast<int>(data & 0xffffffffu);
+            std::size_t served = 0;
+            if (take_locked(fd, static_cast<std::uint32_t>(data >> 32), &served))
+              ready.emplace_back(fd, served);
+          }
+        }
+        timeout = expire_locked(now, closing);
+      }
+      core_.idle_closed += idle_closed;
+      for (const int fd : closing) close_connection(fd);
+      for (const auto& [fd, served] : ready) resume_(fd, served);
+    }
+  }
+
+  Core& core_;
+  const Resume resume_;
+  int epoll_fd_ = -1, stop_fd_ = -1;
+  std::mutex mu_;
+  std::unordered_map<int, Parked> parked_;  // guarded by mu_
+  std::deque<Deadline> first_, idle_;       // guarded by mu_; each ordered by deadline
+  std::uint32_t next_gen_ = 0;              // guarded by mu_
+  std::optional<Clock::time_point> next_wake_;  // guarded by mu_
+  bool draining_ = false;                   // guarded by mu_
+  bool stopped_ = false;                    // guarded by mu_
+  std::thread thread_;
+};
 
 // ===========================================================================
 // HTTP front end: cpp-httplib parses requests; we own the connections
@@ -2644,12 +2890,18 @@ class HttpFrontend final : public httplib::Server {
   // Makes listen_after_bind() return; the socket is closed by close_listener.
   void stop_accepting();
   void close_listener();
+  // Stops the waiting room (closing what still waits in it), then the pool.
+  void stop_workers();
 
  private:
   static constexpr std::size_t kMaxRequestsPerConnection = 100;
+  enum class Next { read, park, close };
 
   bool process_and_close_socket(socket_t sock) override;
-  bool wait_for_request(Core& core, const SocketStream& stream, bool first) const;
+  // Serves `sock` on this worker while requests are ready; `served`: how
+  // many it already had.
+  void serve(int sock, std::size_t served);
+  Next next_request(const SocketStream& stream, bool first) const;
   HandlerResponse guard(const httplib::Request& req, httplib::Response& res);
   std::optional<std::string> allowed_origin(const httplib::Request& req) const;
   void handle_chat(const httplib::Request& req, httplib::Response& res);
@@ -2670,9 +2922,16 @@ class HttpFrontend final : public httplib::Server {
   std::shared_ptr<Core> core_;
   std::vector<std::pair<std::string, std::regex>> host_paths_;  // for route labels
   int listen_fd_ = -1;
+  WorkerPool pool_;
+  WaitingRoom room_;  // after pool_, which it feeds
 };
 
-inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(core)) {
+inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
+    : core_(std::move(core)),
+      pool_(core_->options.max_streams + 64, std::chrono::milliseconds(2000)),
+      room_(*core_, [this](int fd, std::size_t served) {
+        pool_.enqueue([this, fd, served] { serve(fd, served); });
+      }) {
   const agentsmithy::Options& o = core_->options;
   // The library's defaults add SO_REUSEPORT, which lets a second server bind
   // the same port silently; a taken port must fail instead.
@@ -2687,10 +2946,9 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core) : core_(std::move(
   set_keep_alive_max_count(kMaxRequestsPerConnection);
   set_keep_alive_timeout(std::max<time_t>(
       1, std::chrono::duration_cast<std::chrono::seconds>(o.keep_alive_timeout).count()));
-  const std::size_t max_threads = o.max_streams + 64;
-  new_task_queue = [max_threads] {
-    return new WorkerPool(max_threads, std::chrono::milliseconds(2000));
-  };
+  // The library deletes the queue it gets when its accept loop ends; the
+  // pool outlives that, because the waiting room still feeds it.
+  new_task_queue = [this] { return new WorkerPool::Ref(pool_); };
   const std::size_t max_body = o.max_body_bytes;
   set_error_handler(
       Server::HandlerWithResponse([max_body](const httplib::Request& req, httplib::Response& res) {
@@ -2803,63 +3061,70 @@ inline void HttpFrontend::close_listener() {
   listen_fd_ = -1;
 }
 
-inline bool HttpFrontend::wait_for_request(Core& core, const SocketStream& stream,
-                                           bool first) const {
-  if (stream.buffered() > 0) return true;  // a pipelined request
-  // On shutdown an idle keep-alive connection is closed at once; a new one
-  // gets a moment for its first request to arrive (it deserves its 503),
-  // but a client that connects and says nothing cannot hold up the drain.
-  constexpr std::chrono::milliseconds kFirstRequestGrace{50};
-  pollfd fds[2] = {{stream.socket(), POLLIN, 0}, {core.wake_fd, POLLIN, 0}};
-  const auto timeout = first ? core.options.read_timeout : core.options.keep_alive_timeout;
-  const auto poll_for = [&](int count, std::chrono::milliseconds ms) {
-    int n;
-    do {
-      n = ::poll(fds, count, static_cast<int>(ms.count()));
-    } while (n < 0 && errno == EINTR);
-    return n;
-  };
-  if (poll_for(2, timeout) <= 0) return false;
-  if (fds[0].revents != 0) return true;
-  if (!first) {
-    ++core.idle_closed;
-    return false;
+inline void HttpFrontend::stop_workers() {
+  room_.stop();
+  pool_.shutdown();
+}
+
+// Whether the next request can be read now without waiting for it: waiting
+// is the waiting room's job, not a worker's.
+inline HttpFrontend::Next HttpFrontend::next_request(const SocketStream& stream,
+                                                     bool first) const {
+  if (stream.buffered() > 0) return Next::read;  // a pipelined request
+  pollfd fd{stream.socket(), POLLIN, 0};
+  int n;
+  do {
+    n = ::poll(&fd, 1, 0);
+  } while (n < 0 && errno == EINTR);
+  if (n > 0) return Next::read;
+  if (n < 0) return Next::close;
+  if (!first && core_->draining) {
+    ++core_->idle_closed;  // on shutdown an idle keep-alive connection closes at once
+    return Next::close;
   }
-  return poll_for(1, std::min(timeout, kFirstRequestGrace)) > 0;
+  return Next::park;
 }
 
 inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
+  core_->add_connection(sock);
+  const int one = 1;
+  ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  serve(sock, 0);
+  return true;
+}
+
+inline void HttpFrontend::serve(int sock, std::size_t served) {
   // A copy: if a generator outlives the Server, this frame must not reach
   // back into `this` once the generator returns.
   const std::shared_ptr<Core> core = core_;
-  core->add_connection(sock);
-  const int one = 1;
-  ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   SocketStream stream(sock, core->options);
   Connection conn{&stream, false, false, std::nullopt};
   t_connection = &conn;
-  for (std::size_t served = 0; served < kMaxRequestsPerConnection; ++served) {
-    if (!wait_for_request(*core, stream, served == 0)) break;
+  Next next = Next::close;
+  for (; served < kMaxRequestsPerConnection; ++served) {
+    next = next_request(stream, served == 0);
+    if (next != Next::read) break;
     stream.begin_request();
     conn.close_announced = core->draining || served + 1 == kMaxRequestsPerConnection;
     bool client_closes = false;
     const bool ok = process_request(stream, conn.close_announced, client_closes, nullptr);
+    next = Next::close;
     if (conn.chat || !ok || client_closes || conn.close_announced || conn.close_after ||
         stream.failed()) {
       break;
     }
   }
   t_connection = nullptr;
+  if (next == Next::park) return room_.park(sock, served);
   stream.set_muted(false);
   if (conn.chat && conn.chat->request.stream) {
     core->remove_connection(sock);  // the hub owns the socket from here
     run_stream(core, sock, std::move(*conn.chat));
-    return true;
+    return;
   }
   if (conn.chat) run_collect(core, stream, std::move(*conn.chat));
   core->remove_connection(sock);
   ::close(sock);
-  return true;
 }
 
 inline void HttpFrontend::close_after_response(httplib::Response& res) {
@@ -4686,8 +4951,10 @@ inline bool Server::listen() {
   core->begin_drain();
   const auto cancelled = core->hub.cancel_all_for_shutdown();
   // Producers only have to notice and return now; thousands of them runnable
-  // would share the CPU equally with the thread writing every final event.
+  // (each callback below may wake one) would share the CPU equally with the
+  // thread running the callbacks and writing every final event.
   core->demote_generator_threads();
+  core->hub.run_cancel_callbacks(cancelled);
   const std::size_t notified = core->hub.end_cancelled(cancelled);
   report.last_done = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
   core->log(LogLevel::info,
@@ -4718,6 +4985,7 @@ inline bool Server::listen() {
   http.stop_accepting();
   acceptor.join();
   http.close_listener();
+  http.stop_workers();
   core->hub.close_all();
   core->hub.stop();
 

@@ -421,6 +421,74 @@ TEST_CASE("shutdown rule 6: an idle keep-alive client does not delay the exit") 
   }
 }
 
+TEST_CASE(
+    "waiting room: connections without a request yet and idle keep-alive ones hold no thread") {
+  // Each one used to hold a worker in poll(): a burst of connects or many idle
+  // keep-alive clients grew the pool by a thread per connection.
+  constexpr int kSilent = 200, kIdle = 100;
+  RunningServer rs(test_options());
+  REQUIRE(rs.ready());
+  RawClient first(rs.port());
+  REQUIRE(first.get("/health"));
+  REQUIRE(first.read_response());
+  const long threads0 = thread_count();
+
+  std::vector<std::unique_ptr<RawClient>> silent, idle;
+  for (int i = 0; i < kSilent; ++i) {
+    silent.push_back(std::make_unique<RawClient>(rs.port()));
+    REQUIRE(silent.back()->connected());
+  }
+  for (int i = 0; i < kIdle; ++i) {
+    idle.push_back(std::make_unique<RawClient>(rs.port()));
+    REQUIRE(idle.back()->get("/health", true));
+    REQUIRE(idle.back()->read_response());
+    REQUIRE(idle.back()->status == 200);
+  }
+  // Accepted in order: once a later connection is answered, every silent one
+  // has been taken from the listen queue and handed to a worker.
+  RawClient probe(rs.port());
+  REQUIRE(probe.get("/health"));
+  REQUIRE(probe.read_response());
+  const long threads = thread_count();
+  note("threads with " + std::to_string(kSilent) + " silent and " + std::to_string(kIdle) +
+       " idle keep-alive connections: " + std::to_string(threads) + " (before: " +
+       std::to_string(threads0) + ")");
+  CHECK(threads < threads0 + 32);
+
+  // Every waiting connection is still served when its request comes.
+  for (int i = 0; i < kSilent; i += 20) {
+    CAPTURE(i);
+    REQUIRE(silent[i]->get("/health", true));
+    CHECK(silent[i]->read_response());
+    CHECK(silent[i]->status == 200);
+  }
+  for (int i = 0; i < kIdle; i += 10) {
+    CAPTURE(i);
+    idle[i]->next_response();  // past the first answer
+    REQUIRE(idle[i]->get("/health", true));
+    CHECK(idle[i]->read_response());
+    CHECK(idle[i]->status == 200);
+  }
+
+  // The drain closes every idle one at once and does not wait for the silent ones.
+  const auto t0 = Clock::now();
+  rs.server().shutdown();
+  REQUIRE(rs.wait_returned(4000ms));
+  const double ms = ms_between(t0, rs.listen_returned_at());
+  note("listen() returned " + std::to_string(ms) + " ms after shutdown()");
+  CHECK(ms < 1000.0);
+  for (auto* group : {&silent, &idle}) {
+    for (auto& c : *group) {
+      c->next_response();
+      CHECK(c->read_to_eof(1000ms));
+      CHECK(c->status == 0);  // nothing written to a connection that asked nothing
+    }
+  }
+  const auto report = rs.server().shutdown_report();
+  REQUIRE(report);
+  CHECK(report->idle_connections_closed == kIdle + kSilent / 20);
+}
+
 TEST_CASE("shutdown: a connection accepted before the shutdown but without a request yet") {
   // design (1fc8ec0): a silent new connection gets a short window (50 ms) at
   // shutdown; a request that arrives in it is answered 503, otherwise the
