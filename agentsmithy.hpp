@@ -426,6 +426,9 @@ SignalHook install_signal_handlers(Server& server);
 namespace detail {
 
 using Clock = std::chrono::steady_clock;
+
+// Names the calling thread (at most 15 characters), for top -H, perf and gdb.
+inline void name_thread(const char* name) { ::pthread_setname_np(::pthread_self(), name); }
 using nlohmann::json;
 
 // ===========================================================================
@@ -1136,8 +1139,9 @@ class StreamHub {
   void append_locked(Channel& ch, std::string_view bytes);
   Flow queue_locked(Channel& ch, std::string_view bytes);
   Flow finish_locked(Channel& ch, const std::optional<json>& error, Channel::Leftovers& left);
-  // `wake`: notify whoever waits on the channel if it closes.
-  Flow flush_locked(Channel& ch, bool wake = true);
+  // `wake`: notify whoever waits on the channel if it closes. `close_ended`:
+  // close an ended stream once all of it is written (else the caller does).
+  Flow flush_locked(Channel& ch, bool wake = true, bool close_ended = true);
   void watch_out_locked(Channel& ch, bool on);
   void cancel_for_shutdown_locked(Channel& ch);
   void end_for_shutdown_locked(Channel& ch);
@@ -1177,7 +1181,10 @@ inline StreamHub::~StreamHub() {
 
 inline void StreamHub::start() {
   running_ = true;
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    name_thread("as-hub");
+    run();
+  });
 }
 
 inline void StreamHub::stop() {
@@ -1347,7 +1354,7 @@ inline void StreamHub::close_locked(Channel& ch, bool wake) {
   if (wake) ch.cv.notify_all();
 }
 
-inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake) {
+inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake, bool close_ended) {
   if (ch.closed) return Flow::gone;
   while (ch.unsent() > 0) {
     const ssize_t n = ::send(ch.fd, ch.pending.data() + ch.pending_sent, ch.unsent(),
@@ -1370,7 +1377,7 @@ inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake) {
   ch.pending_sent = 0;
   watch_out_locked(ch, false);
   if (wake) ch.cv.notify_all();
-  if (ch.ended) {
+  if (ch.ended && close_ended) {
     close_locked(ch, wake);
     return Flow::closed;
   }
@@ -1561,8 +1568,13 @@ inline void StreamHub::run_cancel_callbacks(
 }
 
 inline std::size_t StreamHub::end_cancelled(const std::vector<std::shared_ptr<Channel>>& ending) {
-  // Every client gets its final events, then the producers are woken:
-  // thousands of woken threads would otherwise compete with these writes.
+  // Every client gets its final events, then the sockets are closed (a TCP
+  // close costs the kernel several times what the write does, and the last
+  // client's events would wait for every close before them), then the
+  // producers are woken: thousands of woken threads would otherwise compete
+  // with these writes.
+  std::vector<Channel*> written;
+  written.reserve(ending.size());
   for (const auto& ch : ending) {
     Flow flow = Flow::open;
     {
@@ -1570,9 +1582,18 @@ inline std::size_t StreamHub::end_cancelled(const std::vector<std::shared_ptr<Ch
       if (ch->closed || ch->kind != ChannelKind::sse) continue;
       metrics_.events_sent.fetch_add(2, std::memory_order_relaxed);
       append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
-      flow = flush_locked(*ch, false);
+      flow = flush_locked(*ch, false, false);
+      if (flow == Flow::open && ch->unsent() == 0) written.push_back(ch.get());
     }
     if (flow != Flow::open) forget(*ch);
+  }
+  for (Channel* ch : written) {
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (ch->closed) continue;
+      close_locked(*ch, false);
+    }
+    forget(*ch);
   }
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
@@ -1689,14 +1710,20 @@ inline void StreamHub::run() {
 // cpp-httplib's default pool has a fixed max(8, cores-1) threads and an
 // unbounded queue, so the ninth stream waits silently. This one starts empty
 // and grows on demand up to a cap sized from max_streams, but not faster than
-// it needs to: a burst of short tasks (connections whose request is read and
-// handed on in microseconds) is absorbed by a few threads; only when queued
-// tasks make no progress for 1 ms (every thread is held by a generator or a
-// slow client) does a monitor add a thread per waiting task. Threads that
-// idle for 2 s exit. Threads are detached and share the pool state, so a
-// task stuck in a generator that ignores cancellation cannot hold up
-// shutdown(); it is left to finish.
+// it needs to. A worker about to block for long (a generator's whole stream,
+// a non-streaming chat waiting for its answer) says so with a Blocking guard:
+// it no longer counts among the 8 workers kept ready, and a task waiting for
+// it gets a new thread at once. Any other task is short (a request whose
+// bytes are there is read and answered or handed on in microseconds), so a
+// burst is absorbed by those 8; only when queued tasks make no progress for
+// 20 ms or more (a host's route handler or a slow client's body holds every
+// thread; a merely busy CPU does not stall them that long) does a monitor add
+// a thread per waiting task. Threads that idle for 2 s exit. Threads are
+// detached and share the pool state, so a task stuck in a generator that
+// ignores cancellation cannot hold up shutdown(); it is left to finish.
 class WorkerPool final : public httplib::TaskQueue {
+  struct State;
+
  public:
   WorkerPool(std::size_t max_threads, std::chrono::milliseconds idle_exit)
       : state_(std::make_shared<State>()) {
@@ -1705,14 +1732,27 @@ class WorkerPool final : public httplib::TaskQueue {
   }
   ~WorkerPool() override { shutdown(); }
 
+  // Held by a task that is about to block for long; nothing outside a
+  // worker of a pool.
+  class Blocking {
+   public:
+    Blocking();
+    ~Blocking();
+    Blocking(const Blocking&) = delete;
+    Blocking& operator=(const Blocking&) = delete;
+
+   private:
+    State* const state_;
+  };
+
   void enqueue(std::function<void()> task) override {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->tasks.push_back(std::move(task));
-    if (state_->idle >= state_->tasks.size()) {
+    if (unserved_locked(*state_) == 0) {
       state_->work_cv.notify_one();
       return;
     }
-    if (state_->threads < std::min(kEagerThreads, state_->max_threads)) {
+    if (state_->threads - state_->blocked < std::min(kEagerThreads, state_->max_threads)) {
       if (spawn_locked(*state_, 1) > 0) return;
     }
     if (!state_->monitor_running) {
@@ -1753,10 +1793,12 @@ class WorkerPool final : public httplib::TaskQueue {
  private:
   static constexpr std::size_t kEagerThreads = 8;
   // How long queued tasks must make no progress before the monitor adds
-  // threads: short while the pool is small, longer as it grows, so that a
-  // loaded machine (where every task is slow) does not inflate it.
-  static std::chrono::milliseconds starved_after(std::size_t threads) {
-    return std::chrono::milliseconds(threads < 16 ? 1 : threads < 64 ? 10 : 50);
+  // threads: longer as the pool grows, so that a loaded machine (where every
+  // task is slow) does not inflate it. Measured: with 1 ms below 16 threads
+  // a ramp of 1,000 streams on 2 busy cores grew the pool to ~200 threads,
+  // all of them idle a moment later.
+  static std::chrono::milliseconds starved_after(std::size_t ready_threads) {
+    return std::chrono::milliseconds(ready_threads < 16 ? 20 : 50);
   }
 
   struct State : std::enable_shared_from_this<State> {
@@ -1764,11 +1806,19 @@ class WorkerPool final : public httplib::TaskQueue {
     std::condition_variable work_cv, exit_cv, monitor_cv;
     std::deque<std::function<void()>> tasks;
     std::size_t threads = 0, idle = 0, max_threads = 1;
+    std::size_t blocked = 0;   // threads inside a Blocking guard
+    std::size_t starting = 0;  // started, not yet at their first look at the queue
     std::uint64_t taken = 0;  // tasks dequeued so far: the monitor's progress mark
     std::chrono::milliseconds idle_exit{10000};
     bool stopping = false;
     bool monitor_running = false;
   };
+
+  // Queued tasks that no idle or starting worker is about to take.
+  static std::size_t unserved_locked(const State& s) {
+    const std::size_t takers = s.idle + s.starting;
+    return s.tasks.size() > takers ? s.tasks.size() - takers : 0;
+  }
 
   // Starts up to `count` workers; returns how many it started.
   static std::size_t spawn_locked(State& s, std::size_t count) {
@@ -1780,15 +1830,17 @@ class WorkerPool final : public httplib::TaskQueue {
         break;
       }
       ++s.threads;
+      ++s.starting;
       ++started;
     }
     return started;
   }
 
   static void monitor(std::shared_ptr<State> s) {
+    name_thread("as-pool");
     std::unique_lock<std::mutex> lock(s->mu);
     while (!s->stopping) {
-      const auto starved = [&] { return s->tasks.size() > s->idle; };
+      const auto starved = [&] { return unserved_locked(*s) > 0; };
       if (!starved()) {
         // Like an idle worker, an idle monitor exits; enqueue() starts another.
         if (!s->monitor_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || starved(); }))
@@ -1796,16 +1848,20 @@ class WorkerPool final : public httplib::TaskQueue {
         continue;
       }
       const std::uint64_t mark = s->taken;
-      s->monitor_cv.wait_for(lock, starved_after(s->threads), [&] { return s->stopping; });
+      s->monitor_cv.wait_for(lock, starved_after(s->threads - s->blocked),
+                             [&] { return s->stopping; });
       if (s->stopping || !starved() || s->taken != mark) continue;
-      spawn_locked(*s, s->tasks.size() - s->idle);
+      spawn_locked(*s, unserved_locked(*s));
     }
     s->monitor_running = false;
     s->exit_cv.notify_all();
   }
 
   static void work(std::shared_ptr<State> s) {
+    name_thread("as-worker");
+    t_state = s.get();
     std::unique_lock<std::mutex> lock(s->mu);
+    --s->starting;
     for (;;) {
       if (!s->tasks.empty()) {
         auto task = std::move(s->tasks.front());
@@ -1832,8 +1888,23 @@ class WorkerPool final : public httplib::TaskQueue {
     s->exit_cv.notify_all();
   }
 
+  static inline thread_local State* t_state = nullptr;  // the pool of this worker
+
   std::shared_ptr<State> state_;
 };
+
+inline WorkerPool::Blocking::Blocking() : state_(t_state) {
+  if (!state_) return;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  ++state_->blocked;
+  spawn_locked(*state_, unserved_locked(*state_));
+}
+
+inline WorkerPool::Blocking::~Blocking() {
+  if (!state_) return;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  --state_->blocked;
+}
 
 // ===========================================================================
 // Status file
@@ -2504,7 +2575,10 @@ class WaitingRoom {
     watch(stop_fd_, kStopTag, EPOLLIN);
     // One-shot: the drain's wake_fd stays readable for good.
     watch(core_.wake_fd, kDrainTag, EPOLLIN | EPOLLONESHOT);
-    thread_ = std::thread([this] { run(); });
+    thread_ = std::thread([this] {
+      name_thread("as-room");
+      run();
+    });
   }
   ~WaitingRoom() {
     stop();
@@ -3324,6 +3398,7 @@ inline void HttpFrontend::produce(const std::shared_ptr<Core>& core, const ChatJ
   std::optional<std::string> error;
   try {
     if (threaded) {
+      const WorkerPool::Blocking whole_stream;
       job.producer.generator(job.request, *writer);
     } else {
       job.producer.handler(job.request, writer);
@@ -3373,6 +3448,7 @@ inline void HttpFrontend::run_collect(const std::shared_ptr<Core>& core, SocketS
   int status = 200;
   std::string body;
   {
+    const WorkerPool::Blocking until_answered;
     std::unique_lock<std::mutex> lock(ch->mu);
     // A stream handler's producer may still be at work.
     ch->cv.wait(lock, [&] { return ch->ended || ch->closed; });
@@ -4321,7 +4397,7 @@ class CurlLoop {
     sigemptyset(&pipe);
     sigaddset(&pipe, SIGPIPE);
     ::pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
-    ::pthread_setname_np(::pthread_self(), "as-upstream");  // for top -H, perf, gdb
+    name_thread("as-upstream");
     // Started by a generator thread that a shutdown demoted to SCHED_IDLE,
     // this thread would inherit the class; it serves every server.
     if (::sched_getscheduler(0) == SCHED_IDLE) {
@@ -4656,8 +4732,11 @@ class DemoFeeder {
   static constexpr std::size_t kMaxEventsPerStep = 64;     // then other streams get their turn
   static constexpr std::size_t kMaxBuffered = 256 * 1024;  // a slow client: wait, do not pile up
 
-  // Writes the play's events that are due; tells when the next is due,
-  // nothing once the play is over.
+  // Writes the play's events that are due, in one write; tells when the
+  // next is due, nothing once the play is over. Keeping the cadence: a step
+  // that runs late does not push back every later event, and the events that
+  // fell due meanwhile go out together (on a saturated core, one write per
+  // event is what the CPU goes to: see bench/RESULTS.md).
   static std::optional<Clock::time_point> step(Play& play, Clock::time_point due,
                                                Clock::time_point now) {
     StreamWriter& out = *play.writer;
@@ -4673,17 +4752,19 @@ class DemoFeeder {
       }
       batch.push_back(std::move(*event));
       if (const auto pause = play.script->pause_before_next(); pause.count() > 0) {
-        if (!out.send_batch(batch)) return std::nullopt;
-        // Keep the cadence: a step that ran late does not push back every
-        // later event; one that fell a whole interval behind starts afresh.
-        return std::max(due + pause, now);
+        due += pause;
+        if (due > now) {
+          if (!out.send_batch(batch)) return std::nullopt;
+          return due;
+        }
       }
     }
     if (!out.send_batch(batch)) return std::nullopt;
-    return now;
+    return now;  // more is due: after the other streams' turn
   }
 
   static void run(std::shared_ptr<State> s) {
+    name_thread("as-demo");
     std::vector<Due> due;
     std::unique_lock<std::mutex> lock(s->mu);
     while (!s->stop) {
@@ -4917,6 +4998,7 @@ inline bool Server::listen() {
   detail::size_futex_hash(o.max_streams + 64);
   core->hub.start();
   std::thread acceptor([&] {
+    detail::name_thread("as-accept");
     if (!http.listen_after_bind()) {
       core->log(LogLevel::error, "accepting connections failed; shutting down");
       core->request_shutdown();
@@ -5135,6 +5217,7 @@ inline bool SignalHook::forced() const { return state_ && state_->forced.load();
 // the same burst (kill -TERM sent by a supervisor to every process, a
 // repeated key) and does not count as the second one.
 inline void SignalHook::watch(State& state) {
+  detail::name_thread("as-signal");
   constexpr std::int64_t kBurstNs = 20 * 1000 * 1000;
   std::int64_t first_ns = -1;
   for (;;) {

@@ -24,6 +24,8 @@
 #   BENCH_ONLY=LIST     only these scenario groups (space separated):
 #                       handler thread idle throughput capacity cancel
 #                       upstream rolling
+#   BENCH_HANDLER_N="N.." streams of the handler scenarios (default
+#                       "1000 5000 10000"; BENCH_QUICK: "100 1000")
 #   BENCH_UPSTREAM_N=N  streams of the upstream scenario (default 1000)
 #   BENCH_ROLLING_CLIENTS=N  clients of the rolling restart (default 1000;
 #                       BENCH_QUICK: 200)
@@ -232,6 +234,7 @@ else
   TP_TOKENS=10000
   CANCEL_N=1000
 fi
+H_N=${BENCH_HANDLER_N:-$H_N}
 UP_N=${BENCH_UPSTREAM_N:-1000}
 ROLL_N=${BENCH_ROLLING_CLIENTS:-$([[ $QUICK == 1 ]] && echo 200 || echo 1000)}
 
