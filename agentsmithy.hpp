@@ -4235,6 +4235,7 @@ class OpenAICall {
 
   // The loop thread's while submitted; the generator's before and after.
   CurlRunner* runner_ = nullptr;
+  bool written_ = false;  // in runner_->written: events_ wait for its flush
   SseParser parser_;
   ChunkMapper mapper_;
   std::vector<nlohmann::json> events_;
@@ -4255,6 +4256,7 @@ struct CurlRunner {
   int epoll_fd = -1, wake_fd = -1;
   std::unordered_map<OpenAICall*, std::shared_ptr<OpenAICall>> active;
   std::vector<OpenAICall*> paused;
+  std::vector<OpenAICall*> written;  // events to send when the pass is over
   std::optional<Clock::time_point> curl_timer;             // when libcurl wants its timeout action
   Clock::time_point next_scan = Clock::time_point::max();  // the earliest read deadline
 
@@ -4322,6 +4324,7 @@ struct CurlRunner {
   // Takes the transfer out of libcurl (closing its connection unless it
   // completed) and hands it back to its generator.
   void release(OpenAICall* call);
+  void flush_written();  // sends what the last pass over the sockets mapped
   void step();  // waits for sockets, timers or the wake; runs what is due
 };
 
@@ -4488,7 +4491,14 @@ inline std::size_t OpenAICall::on_body(std::string_view bytes) {
         "upstream_protocol"));
     outcome_ = Outcome::failed;
   }
-  if (!flush() && outcome_ == Outcome::open) outcome_ = Outcome::cancelled;
+  // libcurl hands over a chunked body one chunk at a time, and a late loop
+  // finds several of a stream's tokens waiting: they go out in one write
+  // when this pass over the sockets is over (CurlRunner::flush_written).
+  if (!events_.empty() && !written_) {
+    written_ = true;
+    runner_->written.push_back(this);
+  }
+  if (out_.cancelled() && outcome_ == Outcome::open) outcome_ = Outcome::cancelled;
   return outcome_ == Outcome::open ? bytes.size() : CURL_WRITEFUNC_ERROR;
 }
 
@@ -4503,12 +4513,29 @@ inline void CurlRunner::start(std::shared_ptr<OpenAICall> call) {
   active.emplace(call.get(), std::move(call));
 }
 
+inline void CurlRunner::flush_written() {
+  // A flush may cancel (the client is gone) and so queue a release: never
+  // one of this list's calls from under it, since cancels wait for loop().
+  std::vector<OpenAICall*> calls;
+  calls.swap(written);
+  for (OpenAICall* c : calls) {
+    c->written_ = false;
+    if (!c->flush() && c->outcome_ == OpenAICall::Outcome::open)
+      c->outcome_ = OpenAICall::Outcome::cancelled;
+  }
+}
+
 inline void CurlRunner::release(OpenAICall* call) {
   const auto it = active.find(call);
   if (it == active.end()) return;  // already released
   const std::shared_ptr<OpenAICall> keep = std::move(it->second);
   active.erase(it);
   if (call->paused_) paused.erase(std::remove(paused.begin(), paused.end(), call), paused.end());
+  if (call->written_) {
+    written.erase(std::remove(written.begin(), written.end(), call), written.end());
+    call->written_ = false;
+    call->flush();
+  }
   curl_multi_remove_handle(multi, call->easy_);
   call->runner_ = nullptr;
   CurlLoop::get().finish(*call);
@@ -4550,6 +4577,7 @@ inline void CurlRunner::step() {
     curl_timer.reset();
     curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
   }
+  flush_written();
   // Transfers libcurl has finished (completed, failed, or stopped by a callback).
   int left = 0;
   while (CURLMsg* msg = curl_multi_info_read(multi, &left)) {
