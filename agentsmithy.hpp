@@ -2154,10 +2154,10 @@ inline bool StatusFile::write(const json& doc) {
     }
     off += static_cast<std::size_t>(n);
   }
-  if (!failed && ::fsync(fd) != 0) {
-    failed = "fsync";
-    failed_errno = errno;
-  }
+  // No fsync: the rename makes the change atomic for every reader, which is
+  // all a file that describes a running process needs (after a power loss no
+  // server is running, whatever the disk kept). Two fsyncs cost the start and
+  // the shutdown a few milliseconds each.
   if (::close(fd) != 0 && !failed) {
     failed = "close";
     failed_errno = errno;
@@ -2171,12 +2171,6 @@ inline bool StatusFile::write(const json& doc) {
     warn(std::string("status file: ") + failed + " failed for " + path_ + ": " +
          std::strerror(failed_errno));
     return false;
-  }
-  // The rename itself reaches the disk with the directory.
-  const int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
   }
   return true;
 }
