@@ -451,8 +451,8 @@ TEST_CASE(
   REQUIRE(probe.read_response());
   const long threads = thread_count();
   note("threads with " + std::to_string(kSilent) + " silent and " + std::to_string(kIdle) +
-       " idle keep-alive connections: " + std::to_string(threads) + " (before: " +
-       std::to_string(threads0) + ")");
+       " idle keep-alive connections: " + std::to_string(threads) +
+       " (before: " + std::to_string(threads0) + ")");
   CHECK(threads < threads0 + 32);
 
   // Every waiting connection is still served when its request comes.
