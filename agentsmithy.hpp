@@ -2596,13 +2596,19 @@ class WaitingRoom {
     Clock::time_point deadline =
         now + (first ? core_.options.read_timeout : core_.options.keep_alive_timeout);
     if (draining_) deadline = std::min(deadline, now + kFirstRequestGrace);
+    // Watched before the lock is let go: from then on the thread may expire
+    // and close it.
+    if (!watch(fd, tag(fd, gen), EPOLLIN | EPOLLRDHUP | EPOLLONESHOT)) {
+      lock.unlock();
+      close_connection(fd);
+      return;
+    }
     parked_[fd] = Parked{gen, served};
     (first ? first_ : idle_).push_back(Deadline{deadline, fd, gen});
     // The thread sleeps until its next deadline: wake it if this one is sooner.
     const bool sooner = !next_wake_ || deadline < *next_wake_;
     if (sooner) next_wake_ = deadline;
     lock.unlock();
-    watch(fd, tag(fd, gen), EPOLLIN | EPOLLRDHUP | EPOLLONESHOT);
     if (sooner) poke();
   }
 
@@ -2644,11 +2650,11 @@ class WaitingRoom {
     return (std::uint64_t{gen} << 32) | static_cast<std::uint32_t>(fd);
   }
 
-  void watch(int fd, std::uint64_t data, std::uint32_t events) {
+  bool watch(int fd, std::uint64_t data, std::uint32_t events) {
     epoll_event ev{};
     ev.events = events;
     ev.data.u64 = data;
-    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    return ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) == 0;
   }
   // Wakes the thread to recompute its timeout.
   void poke() {
