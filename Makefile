@@ -3,6 +3,9 @@
 #   make            build/agentsmithy-server, build/embed, build/agentsmithy-tests
 #   make run        build/agentsmithy-server --workdir . (port 8765; Ctrl+C drains)
 #   make test       build, run the doctest suite and tests/shutdown_simple.sh
+#   make amalgamate regenerate agentsmithy.hpp from include/ (also done by
+#                   `make` when a part changed)
+#   make check-header  the header as users meet it (tests/header_checks.sh)
 #   make cxx20      build everything as C++20 into build/cxx20/
 #   make test-asan  the same tests built with AddressSanitizer + UBSan (build/asan/)
 #   make test-tsan  the same tests built with ThreadSanitizer (build/tsan/)
@@ -41,30 +44,74 @@ TEST_ARGS ?=
 TEST_TIMEOUT ?= 300
 SCRIPT_TIMEOUT ?= 120
 
+# libcurl: the example server and the tests use the OpenAI upstream
+# (AGENTSMITHY_OPENAI_SUPPORT); the core and examples/embed.cpp do not.
+# python3: tools/amalgamate.py, which makes agentsmithy.hpp from its parts.
 PACKAGES := libcpp-httplib-dev libcurl4-openssl-dev nlohmann-json3-dev doctest-dev curl pkg-config \
-            g++ make
+            g++ make python3
 
 # Expanded when a recipe runs, i.e. after `deps` has installed pkg-config.
 HTTPLIB_CFLAGS = $(shell pkg-config --cflags cpp-httplib)
 HTTPLIB_LIBS   = $(shell pkg-config --libs cpp-httplib)
-# libcurl: the OpenAI upstream's HTTP client (one event-loop thread).
+# libcurl: the OpenAI upstream's HTTP client (one event-loop thread), only
+# where AGENTSMITHY_OPENAI_SUPPORT is defined.
 CURL_CFLAGS = $(shell pkg-config --cflags libcurl)
 CURL_LIBS   = $(shell pkg-config --libs libcurl)
-COMPILE = $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) $(CURL_CFLAGS) -MMD -MP
+OPENAI_CFLAGS = -DAGENTSMITHY_OPENAI_SUPPORT $(CURL_CFLAGS)
+# The core: cpp-httplib, nlohmann_json and POSIX only (examples/embed.cpp).
+CORE_COMPILE = $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) -MMD -MP
+CORE_LINK    = $(HTTPLIB_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
+# With the OpenAI upstream: the example server, the tests, the fuzz targets.
+COMPILE = $(CORE_COMPILE) $(OPENAI_CFLAGS)
 LINK    = $(HTTPLIB_LIBS) $(CURL_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
 
 SERVER := $(BUILD)/agentsmithy-server
 EMBED  := $(BUILD)/embed
 TESTS  := $(BUILD)/agentsmithy-tests
 TEST_SOURCES := $(sort $(wildcard tests/*.cpp))
+# The test sources compile as TEST_UNITS unity translation units (a file
+# that #includes several of them), one per core: each unit parses
+# cpp-httplib, nlohmann_json, doctest and agentsmithy.hpp once and
+# instantiates their inline code once, which is most of a test file's
+# compile. TEST_UNITS=0 compiles one object per source file instead.
+TEST_UNITS ?= 2
+ifeq ($(TEST_UNITS),0)
 TEST_OBJECTS := $(TEST_SOURCES:%.cpp=$(BUILD)/obj/%.o)
-FORMAT_SOURCES := $(wildcard agentsmithy.hpp examples/*.cpp tests/*.cpp tests/*.hpp \
+else
+TEST_UNIT_SOURCES := $(foreach i,$(shell seq 1 $(TEST_UNITS)),$(BUILD)/gen/tests_unit_$(i).cpp)
+TEST_OBJECTS := $(TEST_UNIT_SOURCES:$(BUILD)/gen/%.cpp=$(BUILD)/obj/%.o)
+endif
+# The single header is made from these (tools/amalgamate.py).
+HEADER_PARTS := include/agentsmithy.hpp $(sort $(shell find include/agentsmithy -name '*.hpp'))
+FORMAT_SOURCES := $(wildcard $(HEADER_PARTS) examples/*.cpp tests/*.cpp tests/*.hpp \
                              tests/fuzz/*.cpp tests/fuzz/*.hpp bench/*.cpp bench/*.hpp)
 
-.PHONY: all run test cxx20 bench format format-check clean deps deps-san \
+.PHONY: all run test cxx20 bench format format-check clean deps deps-san amalgamate check-amalgamate check-header \
         test-asan test-tsan fuzz fuzz-ci test-ide test-browser test-ops
 
 all: $(SERVER) $(EMBED) $(TESTS)
+
+# agentsmithy.hpp is committed; it is remade when a part is newer.
+agentsmithy.hpp: $(HEADER_PARTS) tools/amalgamate.py | deps
+	python3 tools/amalgamate.py
+
+amalgamate:
+	python3 tools/amalgamate.py
+
+# The header as a user meets it: amalgamated from its parts, the core without
+# libcurl, the errors that name a missing define or an unsupported
+# cpp-httplib, C++20 (tests/header_checks.sh).
+check-header: | deps
+	@$(call install_missing,cmake)
+	@bash tests/header_checks.sh
+
+# Fails when the committed header is not what its parts make.
+check-amalgamate:
+	@if python3 tools/amalgamate.py --check; then \
+	  echo "amalgamate: 1 passed, 0 failed"; \
+	else \
+	  echo "amalgamate: 0 passed, 1 failed"; exit 1; \
+	fi
 
 # One compile unit per example; the test objects compile in parallel.
 # The chat page, examples/chat.html, is compiled into the example server as
@@ -78,19 +125,36 @@ $(SERVER): examples/server.cpp agentsmithy.hpp $(CHAT_PAGE) | deps
 	@mkdir -p $(@D)
 	$(COMPILE) -I$(BUILD)/gen -MF $@.d $< -o $@ $(LINK)
 
+# The core alone: no libcurl, as the README's one g++ command builds it.
 $(EMBED): examples/embed.cpp agentsmithy.hpp | deps
 	@mkdir -p $(@D)
-	$(COMPILE) -MF $@.d $< -o $@ $(LINK)
+	$(CORE_COMPILE) -MF $@.d $< -o $@ $(CORE_LINK)
 
 $(BUILD)/obj/%.o: %.cpp agentsmithy.hpp | deps
 	@mkdir -p $(@D)
 	$(COMPILE) -c $< -o $@
 
+# Unit i holds every TEST_UNITS-th source from the i-th on; rewritten only
+# when that list changes.
+$(BUILD)/gen/tests_unit_%.cpp: FORCE
+	@mkdir -p $(@D)
+	@k=0; for f in $(TEST_SOURCES); do \
+	  if [ $$((k % $(TEST_UNITS) + 1)) -eq $* ]; then echo "#include \"$$f\""; fi; k=$$((k + 1)); \
+	done >$@.tmp; cmp -s $@.tmp $@ && rm -f $@.tmp || mv $@.tmp $@
+
+$(BUILD)/obj/tests_unit_%.o: $(BUILD)/gen/tests_unit_%.cpp agentsmithy.hpp | deps
+	@mkdir -p $(@D)
+	$(COMPILE) -c $< -o $@
+
+.PHONY: FORCE
+FORCE:
+.PRECIOUS: $(BUILD)/gen/tests_unit_%.cpp
+
 $(TESTS): $(TEST_OBJECTS) agentsmithy.hpp | deps
 	@mkdir -p $(@D)
 	$(CXX) $(STD) $(CXXFLAGS) $(TEST_OBJECTS) -o $@ $(LINK)
 
--include $(wildcard $(BUILD)/*.d $(BUILD)/obj/tests/*.d)
+-include $(wildcard $(BUILD)/*.d $(BUILD)/obj/*.d $(BUILD)/obj/tests/*.d)
 
 # $(call install_missing,PACKAGES): apt-get installs those not installed yet.
 define install_missing
@@ -237,7 +301,7 @@ FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/%)
 $(FUZZ_BINS): $(FUZZ_DIR)/%: tests/fuzz/%.cpp tests/fuzz/fuzz_check.hpp agentsmithy.hpp | deps-san
 	@mkdir -p $(@D)
 	$(SAN_CXX) $(STD) $(SAN_CFLAGS) $(FUZZ_FLAGS) $(SAN_WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) \
-	  $(CURL_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LINK)
+	  $(OPENAI_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LINK)
 
 -include $(wildcard $(FUZZ_DIR)/*.d)
 

@@ -1,22 +1,32 @@
 // agentsmithy.hpp - an embeddable AI-chat HTTP server that streams Server-Sent
 // Events and shuts down gracefully.
 //
-// Single header. Depends on cpp-httplib 0.11.4 and libcurl 7.87+ (compile and
-// link with `pkg-config --cflags --libs cpp-httplib libcurl`), nlohmann_json
-// and POSIX/Linux.
+// Single header. The core depends on cpp-httplib 0.11 (compile and link with
+// `pkg-config --cflags --libs cpp-httplib`), nlohmann_json and POSIX/Linux.
+// Optional parts, each behind a macro defined before the include, as
+// cpp-httplib does with CPPHTTPLIB_OPENSSL_SUPPORT:
+//   AGENTSMITHY_OPENAI_SUPPORT   openai_generator (links libcurl 7.87+)
 //
 //   agentsmithy::Server server;                       // 127.0.0.1:8765
 //   server.chat_service().set_generator(my_llm);      // or keep the demo
 //   auto hook = agentsmithy::install_signal_handlers(server);
 //   server.listen();                                  // returns after the drain
 //
-// Layout: public declarations first (options, events and requests, stream
-// writer, chat service, server, signal hook), then the implementation in
-// namespace detail (SSE framing, request validation, channels and the stream
-// hub, the HTTP front end, the worker pool), then the member definitions.
+// This file is made by tools/amalgamate.py from include/agentsmithy.hpp and
+// the parts under include/agentsmithy/ (`make amalgamate`). Edit the parts.
+//
+// Layout, in the order of the includes below: the public API (declarations
+// only); the building blocks in namespace detail (logging, the event loop,
+// SSE framing, request parsing, metrics, the lifecycle); one request's path
+// through the server (channels and the stream hub, the worker pool, the
+// waiting room, the cpp-httplib adapter and the HTTP front end); the server
+// and its shutdown sequence (server/server.hpp); the signal hook; the
+// built-in demo and the OpenAI upstream, which use only the public API.
 #pragma once
 
+#ifdef AGENTSMITHY_OPENAI_SUPPORT
 #include <curl/curl.h>
+#endif
 #include <httplib.h>
 
 #include <nlohmann/json.hpp>
@@ -70,6 +80,11 @@
 #include <utility>
 #include <vector>
 
+// The parts, in this order (clang-format must not sort them).
+// clang-format off
+
+// The public API: what a host includes this header for.
+// ---- include/agentsmithy/api/options.hpp
 namespace agentsmithy {
 
 // ===========================================================================
@@ -132,6 +147,10 @@ struct Options {
   std::vector<std::string> config_errors;
 };
 
+}  // namespace agentsmithy
+// ---- include/agentsmithy/api/chat_request.hpp
+namespace agentsmithy {
+
 // ===========================================================================
 // Events and requests
 // ===========================================================================
@@ -159,6 +178,10 @@ struct Core;
 class HttpFrontend;
 }  // namespace detail
 class SignalHook;
+
+}  // namespace agentsmithy
+// ---- include/agentsmithy/api/stream_writer.hpp
+namespace agentsmithy {
 
 // ===========================================================================
 // Stream writer: what a generator or a stream handler writes its events to
@@ -245,6 +268,10 @@ using StreamHandler = std::function<void(const ChatRequest&, std::shared_ptr<Str
 StreamHandler demo_stream_handler();
 void demo_generator(const ChatRequest& request, StreamWriter& out);
 
+}  // namespace agentsmithy
+// ---- include/agentsmithy/api/openai.hpp
+namespace agentsmithy {
+
 // ===========================================================================
 // OpenAI-compatible upstream
 // ===========================================================================
@@ -291,7 +318,32 @@ struct OpenAIOptions {
 // event-loop thread, started on first use and gone while no transfer is open;
 // the generator's own thread only waits for its transfer to end, and is not
 // woken per token. That thread blocks SIGPIPE, so the process needs no SIG_IGN.
+//
+// Compiled only with AGENTSMITHY_OPENAI_SUPPORT defined before the include
+// (and linked with libcurl 7.87+), as cpp-httplib does for
+// CPPHTTPLIB_OPENSSL_SUPPORT: the core needs no libcurl.
+#ifdef AGENTSMITHY_OPENAI_SUPPORT
 Generator openai_generator(OpenAIOptions options);
+#else
+namespace detail {
+template <class T>
+inline constexpr bool needs_openai_support = false;
+}  // namespace detail
+// Without the define, a call fails to compile with this message.
+template <class Options = OpenAIOptions>
+Generator openai_generator(Options) {
+  static_assert(
+      detail::needs_openai_support<Options>,
+      "openai_generator needs AGENTSMITHY_OPENAI_SUPPORT: #define it before including "
+      "agentsmithy.hpp (or link agentsmithy::openai in CMake, pkg-config agentsmithy-openai) "
+      "and link libcurl");
+  return {};
+}
+#endif
+
+}  // namespace agentsmithy
+// ---- include/agentsmithy/api/server.hpp
+namespace agentsmithy {
 
 // ===========================================================================
 // Chat service: the /api/chat endpoint's state
@@ -389,6 +441,10 @@ class Server {
   ChatService chat_service_;
 };
 
+}  // namespace agentsmithy
+// ---- include/agentsmithy/api/signal_hook.hpp
+namespace agentsmithy {
+
 // ===========================================================================
 // Signal hook
 // ===========================================================================
@@ -417,12 +473,11 @@ class SignalHook {
 // std::system_error if the handlers cannot be installed.
 SignalHook install_signal_handlers(Server& server);
 
-//
-// ---------------------------------------------------------------------------
-// Implementation. Nothing below is part of the API.
-// ---------------------------------------------------------------------------
-//
+}  // namespace agentsmithy
 
+// Building blocks (namespace detail). Nothing below is part of the API.
+// ---- include/agentsmithy/detail/common.hpp
+namespace agentsmithy {
 namespace detail {
 
 using Clock = std::chrono::steady_clock;
@@ -445,19 +500,30 @@ inline const char* level_name(LogLevel level) {
   return "INFO";
 }
 
-// 2026-11-25T10:00:00.123Z, UTC.
-inline std::string utc_timestamp() {
-  const auto now = std::chrono::system_clock::now();
-  const std::time_t secs = std::chrono::system_clock::to_time_t(now);
-  const auto ms =
-      std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+// `t` in ISO 8601, UTC, with `fraction_digits` (0, 3 or 6) after the
+// seconds and `zone` after that: the one formatter of every timestamp the
+// server writes (log lines, status.json, the shutdown report).
+inline std::string format_utc(std::chrono::system_clock::time_point t, int fraction_digits,
+                              const char* zone) {
+  const auto us =
+      std::chrono::duration_cast<std::chrono::microseconds>(t.time_since_epoch()).count();
+  const std::time_t secs = static_cast<std::time_t>(us / 1000000);
   std::tm tm{};
   gmtime_r(&secs, &tm);
   char buf[80];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+  int n = std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900,
+                        tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+  if (fraction_digits == 3) {
+    n += std::snprintf(buf + n, sizeof buf - n, ".%03d", static_cast<int>((us / 1000) % 1000));
+  } else if (fraction_digits == 6) {
+    n += std::snprintf(buf + n, sizeof buf - n, ".%06d", static_cast<int>(us % 1000000));
+  }
+  std::snprintf(buf + n, sizeof buf - n, "%s", zone);
   return buf;
 }
+
+// 2026-11-25T10:00:00.123Z: a log record's time.
+inline std::string utc_timestamp() { return format_utc(std::chrono::system_clock::now(), 3, "Z"); }
 
 inline void log_to_stderr(LogLevel level, const std::string& message) {
   // One write per record so lines from several threads do not interleave.
@@ -480,6 +546,178 @@ inline void log(const Options& options, LogLevel level, const std::string& messa
 inline long long elapsed_ms(Clock::time_point since) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
 }
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/detail/event_loop.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Event loop: epoll, a waker, deadlines, a callback per descriptor
+// ===========================================================================
+
+// An eventfd that one thread waits on and any thread writes: the wake-up of
+// every event loop, and the drain's broadcast (written once and never
+// drained, it stays readable for every waiter). wake() is one write(2), so a
+// signal handler could call it too.
+class Waker {
+ public:
+  Waker() : fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (fd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+  }
+  ~Waker() { ::close(fd_); }
+  Waker(const Waker&) = delete;
+  Waker& operator=(const Waker&) = delete;
+
+  int fd() const { return fd_; }
+  void wake() const noexcept {
+    const std::uint64_t one = 1;
+    const ssize_t w = ::write(fd_, &one, sizeof one);
+    (void)w;
+  }
+  void drain() const noexcept {
+    std::uint64_t count;
+    while (::read(fd_, &count, sizeof count) > 0) {
+    }
+  }
+
+ private:
+  const int fd_;
+};
+
+// Milliseconds from now until `at` for epoll_wait, rounded up (a wait of 0
+// while not yet due would spin); capped at a minute.
+inline int wait_ms_until(Clock::time_point at) {
+  const auto now = Clock::now();
+  if (at <= now) return 0;
+  const auto ms = std::chrono::ceil<std::chrono::milliseconds>(at - now).count();
+  return static_cast<int>(std::min<long long>(ms, 60000));
+}
+
+// One epoll set and the thread that runs it: the stream hub's, the waiting
+// room's and the OpenAI upstream's. Each watched descriptor has its own
+// callback, run on the loop's thread by pass(). watch(), rearm(), unwatch()
+// and wake() may be called from any thread.
+//
+// A Watch is the descriptor's registration; epoll hands its address back
+// with each event, so dispatch needs no lookup. unwatch() does not free it at
+// once, since the event batch the loop is working through may still hold its
+// address: it is freed at the start of the next pass, when no batch can.
+class EventLoop {
+ public:
+  using OnReady = std::function<void(std::uint32_t events)>;
+  class Watch {
+   public:
+    int fd() const { return fd_; }
+
+   private:
+    friend class EventLoop;
+    Watch(int fd, OnReady on_ready) : fd_(fd), on_ready_(std::move(on_ready)) {}
+    const int fd_;
+    const OnReady on_ready_;
+    std::atomic<bool> retired_{false};  // unwatched: a late event for it is dropped
+  };
+
+  EventLoop() : epoll_fd_(::epoll_create1(EPOLL_CLOEXEC)) {
+    if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = nullptr;  // the waker
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, waker_.fd(), &ev) != 0) {
+      const int err = errno;
+      ::close(epoll_fd_);
+      throw std::system_error(err, std::generic_category(), "epoll_ctl");
+    }
+  }
+  ~EventLoop() { ::close(epoll_fd_); }
+  EventLoop(const EventLoop&) = delete;
+  EventLoop& operator=(const EventLoop&) = delete;
+
+  // Calls `on_ready(events)` on the loop's thread whenever `fd` is ready for
+  // `events` (EPOLLIN, EPOLLOUT, EPOLLRDHUP, EPOLLONESHOT...). Null (errno
+  // set) if epoll refuses the descriptor.
+  Watch* watch(int fd, std::uint32_t events, OnReady on_ready) {
+    auto w = std::unique_ptr<Watch>(new Watch(fd, std::move(on_ready)));
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.ptr = w.get();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) return nullptr;
+    Watch* raw = w.get();
+    live_.emplace(raw, std::move(w));
+    return raw;
+  }
+  // Changes what `w` waits for (and re-arms a one-shot watch).
+  bool rearm(Watch* w, std::uint32_t events) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.ptr = w;
+    return ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, w->fd_, &ev) == 0;
+  }
+  // Stops watching; `w` is freed once no event batch can refer to it. Call
+  // it before closing the descriptor: a closed one stays in the set while a
+  // forked child holds a copy of it, and events would name a freed watch.
+  void unwatch(Watch* w) {
+    if (!w) return;
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w->fd_, nullptr);
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = live_.find(w);
+    if (it == live_.end()) return;
+    w->retired_ = true;
+    retired_.push_back(std::move(it->second));
+    live_.erase(it);
+  }
+
+  // Makes the running or the next pass() return (after its callbacks).
+  void wake() { waker_.wake(); }
+  // pass() returns false from now on.
+  void stop() {
+    stopped_ = true;
+    waker_.wake();
+  }
+  bool stopped() const { return stopped_; }
+
+  // The loop's thread: waits until a watched descriptor is ready, wake() is
+  // called or `until` passes (none: no deadline), and runs the ready
+  // descriptors' callbacks. False once stop() was called.
+  bool pass(std::optional<Clock::time_point> until) {
+    std::vector<std::unique_ptr<Watch>> freeing;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      freeing.swap(retired_);
+    }
+    freeing.clear();
+    if (stopped_) return false;
+    const int timeout = until ? wait_ms_until(*until) : -1;
+    const int n = ::epoll_wait(epoll_fd_, events_, kBatch, timeout);
+    for (int i = 0; i < n; ++i) {
+      auto* w = static_cast<Watch*>(events_[i].data.ptr);
+      if (!w) {
+        waker_.drain();
+        continue;
+      }
+      if (!w->retired_.load(std::memory_order_relaxed)) w->on_ready_(events_[i].events);
+    }
+    return !stopped_;
+  }
+
+ private:
+  static constexpr int kBatch = 256;
+  const int epoll_fd_;
+  Waker waker_;
+  std::atomic<bool> stopped_{false};
+  std::mutex mu_;
+  std::unordered_map<Watch*, std::unique_ptr<Watch>> live_;  // guarded by mu_
+  std::vector<std::unique_ptr<Watch>> retired_;              // guarded by mu_
+  epoll_event events_[kBatch];                               // the loop's thread's
+};
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/sse/framing.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // SSE framing
@@ -550,6 +788,12 @@ inline int random_retry_ms() {
   thread_local std::mt19937 rng{std::random_device{}()};
   return std::uniform_int_distribution<int>(1000, 5000)(rng);
 }
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/http/chat_request_parser.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // Request validation
@@ -676,6 +920,12 @@ inline std::optional<HttpError> parse_chat_request(std::string_view body, ChatRe
   if (!has_user) return HttpError{400, "No user message found"};
   return std::nullopt;
 }
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/demo/script.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // The demo generator's text
@@ -817,6 +1067,132 @@ class DemoScript {
   std::size_t word_ = 0;
 };
 
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/lifecycle/lifecycle.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Lifecycle: starting -> ready -> [lame duck] -> draining -> stopped
+// ===========================================================================
+
+// The server's phase. `failed`: listen() could not start (taken port, a
+// workdir owned by another server).
+enum class Phase { starting, ready, lame_duck, draining, stopped, failed };
+
+inline const char* phase_name(Phase phase) {
+  switch (phase) {
+    case Phase::starting: return "starting";
+    case Phase::ready: return "ready";
+    case Phase::lame_duck: return "lame_duck";
+    case Phase::draining: return "draining";
+    case Phase::stopped: return "stopped";
+    case Phase::failed: return "failed";
+  }
+  return "starting";
+}
+
+// The one owner of the server's lifecycle. Everything that depends on it
+// reads it here: /health (shutdown_requested), /metrics (phase), status.json
+// (the observer of each transition), and the admission decision below
+// (refusing). Phases only move forward; each transition is one call.
+//
+// A shutdown is requested from any thread (shutdown(), a signal) and returns
+// at once; the listen thread then walks the phases (Server::listen). Without
+// a lame duck, or when forced, new work is refused from the request itself,
+// not from when the listen thread gets to the drain.
+class Lifecycle {
+ public:
+  // `on_change`: after every change (Core::changed wakes its waiters).
+  // `observer`: on the listen thread, after each phase transition, with the
+  // reason of a failure (the status file).
+  using Observer = std::function<void(Phase, const std::string& why)>;
+  Lifecycle(bool has_lame_duck, std::function<void()> on_change)
+      : has_lame_duck_(has_lame_duck), on_change_(std::move(on_change)) {}
+
+  void observe(Observer observer) { observer_ = std::move(observer); }
+
+  Phase phase() const { return phase_.load(); }
+  // shutdown() was called or a signal came: /health says "stopping".
+  bool shutdown_requested() const { return requested_.load(); }
+  // force_shutdown() or a second signal: the drain is cut short.
+  bool forced() const { return forced_.load(); }
+  // New chats and host routes get 503; idle keep-alive connections close.
+  bool refusing() const { return refusing_.load(); }
+  bool started() const {
+    const Phase p = phase();
+    return p != Phase::starting && p != Phase::failed;
+  }
+  bool over() const {
+    const Phase p = phase();
+    return p == Phase::stopped || p == Phase::failed;
+  }
+
+  // Returns true for the first request.
+  bool request_shutdown() {
+    if (!has_lame_duck_ || forced_) refusing_ = true;
+    const bool first = !requested_.exchange(true);
+    on_change_();
+    return first;
+  }
+  void force() {
+    forced_ = true;
+    refusing_ = true;
+    request_shutdown();
+  }
+
+  // Moves to `next` if it is ahead of the current phase (a shutdown asked
+  // before listen() must not be undone by its `ready`).
+  void enter(Phase next, const std::string& why = {}) {
+    Phase current = phase_.load();
+    do {
+      if (static_cast<int>(next) <= static_cast<int>(current)) return;
+    } while (!phase_.compare_exchange_weak(current, next));
+    if (next >= Phase::draining) refusing_ = true;
+    if (observer_) observer_(next, why);
+    on_change_();
+  }
+
+ private:
+  const bool has_lame_duck_;
+  const std::function<void()> on_change_;
+  Observer observer_;  // set before listen() starts the threads
+  std::atomic<Phase> phase_{Phase::starting};
+  std::atomic<bool> requested_{false};
+  std::atomic<bool> forced_{false};
+  std::atomic<bool> refusing_{false};
+};
+
+// ---------------------------------------------------------------------------
+// The admission decision: what a request or a waiting connection gets now.
+// The one place where the lifecycle becomes serve / 503 / park / close.
+// ---------------------------------------------------------------------------
+
+enum class Arrival {
+  request,        // a chat or a host route, its head read
+  first_request,  // a new connection, its first request not there yet
+  next_request,   // an idle keep-alive connection, between two requests
+};
+enum class Admit { serve, refuse_503, park, close };
+
+inline Admit admission_decision(const Lifecycle& life, Arrival arrival) {
+  switch (arrival) {
+    case Arrival::request: return life.refusing() ? Admit::refuse_503 : Admit::serve;
+    // It deserves its 503: it waits, for at most WaitingRoom::kFirstRequestGrace.
+    case Arrival::first_request: return Admit::park;
+    // On shutdown an idle keep-alive connection closes at once.
+    case Arrival::next_request: return life.refusing() ? Admit::close : Admit::park;
+  }
+  return Admit::close;
+}
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/observability/metrics.hpp
+namespace agentsmithy {
+namespace detail {
+
 // ===========================================================================
 // Metrics: what GET /metrics reports, in Prometheus' text format
 // ===========================================================================
@@ -862,18 +1238,6 @@ class Histogram {
   std::atomic<std::uint64_t> sum_ns_{0};
 };
 
-enum class Lifecycle { starting, ready, lame_duck, draining, stopped };
-inline const char* lifecycle_name(Lifecycle state) {
-  switch (state) {
-    case Lifecycle::starting: return "starting";
-    case Lifecycle::ready: return "ready";
-    case Lifecycle::lame_duck: return "lame_duck";
-    case Lifecycle::draining: return "draining";
-    case Lifecycle::stopped: return "stopped";
-  }
-  return "starting";
-}
-
 // How a chat request ended, for agentsmithy_streams_ended_total.
 enum class Outcome {
   completed,
@@ -892,15 +1256,30 @@ struct Metrics {
   std::atomic<std::uint64_t> bytes_sent{0};
   Histogram duration{{0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}};
   Histogram first_event{{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
-  std::atomic<Lifecycle> state{Lifecycle::starting};
   // The last drain (a Server drains once; an embedder may scrape after it).
   std::atomic<bool> drained_once{false};
   std::atomic<std::int64_t> drain_ms{0};
   std::atomic<std::uint64_t> drain_notified{0};
   std::atomic<std::uint64_t> drain_closed{0};
 
+  // Where each metric is counted: the count_* functions below, called from
+  // the stream hub (streams, events, bytes), the HTTP front end (requests,
+  // refusals) and the shutdown sequence (the last drain).
   void count_end(Outcome outcome) {
     ended[static_cast<int>(outcome)].fetch_add(1, std::memory_order_relaxed);
+  }
+  void count_stream_end(Outcome outcome, Clock::duration lasted) {
+    count_end(outcome);
+    duration.observe(lasted);
+  }
+  void count_first_event(Clock::duration after) { first_event.observe(after); }
+  void count_events_sent(std::uint64_t n) { events_sent.fetch_add(n, std::memory_order_relaxed); }
+  void count_bytes_sent(std::uint64_t n) { bytes_sent.fetch_add(n, std::memory_order_relaxed); }
+  void count_drain(std::chrono::milliseconds took, std::uint64_t notified, std::uint64_t closed) {
+    drain_ms = took.count();
+    drain_notified = notified;
+    drain_closed = closed;
+    drained_once = true;
   }
 
   // Requests by route (a fixed set, so that odd paths cannot grow it) and status.
@@ -909,7 +1288,8 @@ struct Metrics {
     ++requests[{route, status}];
   }
 
-  std::string render(std::size_t active) const {
+  // `now`: the lifecycle's phase (see Lifecycle).
+  std::string render(std::size_t active, Phase now) const {
     std::string out;
     const auto gauge = [&](const std::string& name, const std::string& help) {
       out += "# HELP " + name + " " + help + "\n# TYPE " + name + " gauge\n";
@@ -941,10 +1321,9 @@ struct Metrics {
     first_event.render(out, "agentsmithy_stream_first_event_seconds",
                        "Time from a stream's admission to its producer's first event.");
     gauge("agentsmithy_lifecycle_state", "The server's lifecycle state (1 for the current one).");
-    const Lifecycle now = state.load();
-    for (const Lifecycle s : {Lifecycle::starting, Lifecycle::ready, Lifecycle::lame_duck,
-                              Lifecycle::draining, Lifecycle::stopped}) {
-      out += std::string("agentsmithy_lifecycle_state{state=\"") + lifecycle_name(s) + "\"} " +
+    for (const Phase s :
+         {Phase::starting, Phase::ready, Phase::lame_duck, Phase::draining, Phase::stopped}) {
+      out += std::string("agentsmithy_lifecycle_state{state=\"") + phase_name(s) + "\"} " +
              (s == now ? "1" : "0") + "\n";
     }
     if (drained_once) {
@@ -968,943 +1347,11 @@ struct Metrics {
   std::map<std::pair<std::string, int>, std::uint64_t> requests;  // guarded by requests_mu
 };
 
-// ===========================================================================
-// Channels: one per chat request, between its producer and its client
-// ===========================================================================
-
-enum class ChannelKind { sse, collect };
-
-// How a stream's events are framed on the wire.
-struct StreamFormat {
-  bool chunked = true;     // false: HTTP/1.0, the body ends with the connection
-  bool event_ids = false;  // the GET route: an `id:` line per event (EventSource)
-};
-
-// Everything below `mu` is guarded by it. A channel's socket is written by
-// whichever thread has something to say (a producer, the hub thread, the
-// shutdown), always under `mu`, so events never interleave and no thread
-// waits for another to relay its bytes.
-struct Channel {
-  Channel(std::uint64_t id_, ChannelKind kind_, int fd_, std::string dialog_id_,
-          StreamFormat format_)
-      : id(id_), kind(kind_), dialog_id(std::move(dialog_id_)), format(format_), fd(fd_) {}
-
-  const std::uint64_t id;
-  const ChannelKind kind;
-  const std::string dialog_id;
-  const StreamFormat format;
-  // Set under `mu`; read without it by cancelled(). True once nothing more
-  // can be written: the stream ended or was cancelled.
-  std::atomic<bool> cancelled{false};
-
-  std::mutex mu;
-  std::condition_variable cv;  // cancellation, the end, and room in `pending`
-  int fd;                      // -1 once closed (sse only)
-  std::string pending;         // framed bytes the socket has not taken yet
-  std::size_t pending_sent = 0;
-  bool ended = false;   // the last event is queued: nothing more is added
-  bool closed = false;  // socket closed (sse) or abandoned (collect)
-  bool watching_out = false;
-  bool ended_by_shutdown = false;
-  bool errored = false;  // ended by an error event or a failed producer
-  bool producer_spoke = false;
-  const Clock::time_point opened = Clock::now();
-  Clock::time_point last_write = Clock::now();
-  Clock::time_point last_progress = Clock::now();
-  std::size_t events = 0;
-  std::uint64_t last_event_id = 0;  // format.event_ids
-  std::string collected;            // collect: the chat chunks joined
-  std::string error;                // collect: the producer's error event
-  // The max_streams slot, held until the producer ends the stream (not when
-  // it is merely cancelled: the producer may still be running).
-  std::shared_ptr<void> hold;
-  // on_cancel callbacks; `cancel_due` once a cancellation (not a normal end)
-  // happened, `cancel_fired` once they were taken to run.
-  std::vector<std::function<void()>> cancel_callbacks;
-  bool cancel_due = false;
-  bool cancel_fired = false;
-
-  std::size_t unsent() const { return pending.size() - pending_sent; }
-
-  // One SSE event carrying `json_text`, framed for this stream.
-  void frame_locked(std::string& out, std::string_view json_text, int retry_ms = 0) {
-    std::string block;
-    block.reserve(json_text.size() + 32);
-    if (retry_ms > 0) block += "retry: " + std::to_string(retry_ms) + "\n";
-    if (format.event_ids) block += "id: " + std::to_string(++last_event_id) + "\n";
-    block += "data: ";
-    block += json_text;
-    block += "\n\n";
-    if (format.chunked) {
-      append_chunk(out, block);
-    } else {
-      out += block;
-    }
-  }
-
-  // How every stream ends: [error,] done, then the terminating chunk. The
-  // shutdown's error tells a browser when to come back (`retry:`).
-  std::string tail_locked(const std::optional<json>& error, bool shutdown = false) {
-    std::string tail;
-    if (error) {
-      frame_locked(tail, event_text(*error, dialog_id, false),
-                   shutdown && format.event_ids ? random_retry_ms() : 0);
-    }
-    frame_locked(tail, event_text(done_event(), dialog_id, true));
-    if (format.chunked) tail.append(kLastChunk);
-    return tail;
-  }
-
-  // What a stream lets go of when its producer ends it: its slot, and the
-  // callbacks that can no longer run (they may hold the writer). Destroyed
-  // once `mu` is released.
-  struct Leftovers {
-    std::shared_ptr<void> hold;
-    std::vector<std::function<void()>> callbacks;
-  };
-  Leftovers end_locked() {
-    ended = true;
-    cancelled = true;
-    cv.notify_all();
-    Leftovers left{std::exchange(hold, nullptr), {}};
-    if (!cancel_due) left.callbacks.swap(cancel_callbacks);
-    return left;
-  }
-};
-
-// ===========================================================================
-// Stream hub: owns every streaming socket once its headers are due
-// ===========================================================================
-
-// One epoll thread watches all streams: it notices a client that went away
-// (EOF, reset) the moment it happens, finishes writes a slow client could not
-// take at once, sends heartbeats and drops stalled clients. Producers write
-// directly and only fall back on the hub when a socket is full.
-class StreamHub {
- public:
-  StreamHub(const Options& options, Metrics& metrics, std::function<void()> on_count_change);
-  ~StreamHub();
-  StreamHub(const StreamHub&) = delete;
-  StreamHub& operator=(const StreamHub&) = delete;
-
-  void start();
-  void stop();  // joins the hub thread; call after close_all()
-
-  // Takes ownership of `fd` and queues the stream's response `head`. `hold`
-  // is released when the stream ends.
-  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id, StreamFormat format,
-                                       const std::string& head, std::shared_ptr<void> hold);
-  std::shared_ptr<Channel> open_collector(const std::string& dialog_id, std::shared_ptr<void> hold);
-
-  // `events[0..count)` in one write; false once cancelled. `from_producer`:
-  // false for what the server itself sends (the user event).
-  bool send(Channel& ch, const json* events, std::size_t count, bool from_producer = true);
-  bool wait(Channel& ch, std::chrono::milliseconds d);
-  // The producer ended the stream (error empty) or failed: `done` follows.
-  void finish(Channel& ch, const std::optional<json>& error);
-  void on_cancel(Channel& ch, std::function<void()> callback);
-
-  // The drain's first step: every open stream is cancelled (from here on
-  // its producer's writes are no-ops). Returns the streams it cancelled, for
-  // run_cancel_callbacks() and end_cancelled().
-  std::vector<std::shared_ptr<Channel>> cancel_all_for_shutdown();
-  // Their on_cancel callbacks, so that producers blocked in a call are let go
-  // within milliseconds.
-  void run_cancel_callbacks(const std::vector<std::shared_ptr<Channel>>& cancelled);
-  // The next: each of them gets error + done + last chunk, written by this one
-  // thread, before any producer is woken. Returns how many.
-  std::size_t end_cancelled(const std::vector<std::shared_ptr<Channel>>& ending);
-  // The grace deadline: closes whatever is left. Returns how many.
-  std::size_t close_all();
-  std::size_t active() const { return count_.load(); }
-
- private:
-  enum class Flow { open, closed, gone };
-  static constexpr std::size_t kMaxUnsent = 1 << 20;  // then send() waits
-  static constexpr std::uint64_t kWakeId = 0;
-
-  std::shared_ptr<Channel> add(std::shared_ptr<Channel> ch, std::string_view head);
-  std::uint64_t next_id();
-  std::shared_ptr<Channel> find(std::uint64_t id) const;
-  std::vector<std::shared_ptr<Channel>> snapshot() const;
-  // After a channel's lock is released: drops it from the hub if it closed,
-  // and runs its cancel callbacks if a cancellation made them due.
-  void settle(Channel& ch, Flow flow);
-  void forget(Channel& ch);
-  void run_cancel_callbacks(Channel& ch);
-  void run();
-  void tick();
-  void on_socket_event(Channel& ch, std::uint32_t events);
-
-  void append_locked(Channel& ch, std::string_view bytes);
-  Flow queue_locked(Channel& ch, std::string_view bytes);
-  Flow finish_locked(Channel& ch, const std::optional<json>& error, Channel::Leftovers& left);
-  // `wake`: notify whoever waits on the channel if it closes. `close_ended`:
-  // close an ended stream once all of it is written (else the caller does).
-  Flow flush_locked(Channel& ch, bool wake = true, bool close_ended = true);
-  void watch_out_locked(Channel& ch, bool on);
-  void cancel_for_shutdown_locked(Channel& ch);
-  void end_for_shutdown_locked(Channel& ch);
-  void close_locked(Channel& ch, bool wake = true);
-
-  const Options& options_;
-  Metrics& metrics_;
-  const std::function<void()> on_count_change_;
-  int epoll_fd_ = -1;
-  int wake_fd_ = -1;
-  std::thread thread_;
-  std::atomic<bool> running_{false};
-  std::atomic<std::size_t> count_{0};
-  mutable std::mutex mu_;
-  std::unordered_map<std::uint64_t, std::shared_ptr<Channel>> channels_;
-  std::uint64_t next_id_ = 1;
-  bool shutting_down_ = false;
-};
-
-inline StreamHub::StreamHub(const Options& options, Metrics& metrics,
-                            std::function<void()> on_count_change)
-    : options_(options), metrics_(metrics), on_count_change_(std::move(on_count_change)) {
-  epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
-  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (epoll_fd_ < 0 || wake_fd_ < 0) throw std::system_error(errno, std::generic_category());
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.u64 = kWakeId;
-  ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev);
-}
-
-inline StreamHub::~StreamHub() {
-  close_all();
-  ::close(wake_fd_);
-  ::close(epoll_fd_);
-}
-
-inline void StreamHub::start() {
-  running_ = true;
-  thread_ = std::thread([this] {
-    name_thread("as-hub");
-    run();
-  });
-}
-
-inline void StreamHub::stop() {
-  if (!thread_.joinable()) return;
-  running_ = false;
-  const std::uint64_t one = 1;
-  const ssize_t w = ::write(wake_fd_, &one, sizeof one);
-  (void)w;
-  thread_.join();
-}
-
-inline std::uint64_t StreamHub::next_id() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return next_id_++;
-}
-
-inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch, std::string_view head) {
-  if (ch->kind == ChannelKind::sse) {
-    // Before the channel is shared: once it is, only `mu` guards the fd.
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.u64 = ch->id;
-    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, ch->fd, &ev);
-  }
-  bool late = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    channels_.emplace(ch->id, ch);
-    late = shutting_down_;
-  }
-  ++count_;
-  Flow flow = Flow::open;
-  {
-    std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->kind == ChannelKind::sse) flow = queue_locked(*ch, head);
-    // Admitted just as the shutdown began: end it like the others.
-    if (late && flow == Flow::open && !ch->ended) {
-      end_for_shutdown_locked(*ch);
-      ch->cv.notify_all();
-      if (!ch->closed && ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
-    }
-  }
-  settle(*ch, flow);
-  return ch;
-}
-
-inline std::shared_ptr<Channel> StreamHub::open_stream(int fd, const std::string& dialog_id,
-                                                       StreamFormat format, const std::string& head,
-                                                       std::shared_ptr<void> hold) {
-  auto ch = std::make_shared<Channel>(next_id(), ChannelKind::sse, fd, dialog_id, format);
-  ch->hold = std::move(hold);
-  return add(std::move(ch), head);
-}
-
-inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dialog_id,
-                                                          std::shared_ptr<void> hold) {
-  auto ch =
-      std::make_shared<Channel>(next_id(), ChannelKind::collect, -1, dialog_id, StreamFormat{});
-  ch->hold = std::move(hold);
-  return add(std::move(ch), {});
-}
-
-inline std::shared_ptr<Channel> StreamHub::find(std::uint64_t id) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  const auto it = channels_.find(id);
-  return it == channels_.end() ? nullptr : it->second;
-}
-
-inline std::vector<std::shared_ptr<Channel>> StreamHub::snapshot() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::vector<std::shared_ptr<Channel>> all;
-  all.reserve(channels_.size());
-  for (const auto& entry : channels_) all.push_back(entry.second);
-  return all;
-}
-
-inline void StreamHub::settle(Channel& ch, Flow flow) {
-  if (flow != Flow::open) forget(ch);
-  run_cancel_callbacks(ch);
-}
-
-inline void StreamHub::forget(Channel& ch) {
-  bool erased;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    erased = channels_.erase(ch.id) > 0;
-  }
-  if (!erased) return;
-  {
-    std::lock_guard<std::mutex> lock(ch.mu);
-    const Outcome outcome = ch.ended_by_shutdown ? Outcome::shutdown
-                            : ch.errored         ? Outcome::error
-                            : ch.ended           ? Outcome::completed
-                                                 : Outcome::client_gone;
-    metrics_.count_end(outcome);
-    metrics_.duration.observe(Clock::now() - ch.opened);
-  }
-  // Only the last one matters to a drain waiting for zero.
-  if (--count_ == 0) on_count_change_();
-}
-
-inline void StreamHub::run_cancel_callbacks(Channel& ch) {
-  std::vector<std::function<void()>> callbacks;
-  {
-    std::lock_guard<std::mutex> lock(ch.mu);
-    if (!ch.cancel_due || ch.cancel_fired) return;
-    ch.cancel_fired = true;
-    callbacks.swap(ch.cancel_callbacks);
-  }
-  for (std::size_t i = 0; i < callbacks.size(); ++i) {
-    try {
-      callbacks[i]();
-    } catch (const std::exception& e) {
-      log(options_, LogLevel::error,
-          "dialog " + ch.dialog_id + ": on_cancel callback " + std::to_string(i) +
-              " threw: " + e.what());
-    } catch (...) {
-      log(options_, LogLevel::error,
-          "dialog " + ch.dialog_id + ": on_cancel callback " + std::to_string(i) + " threw");
-    }
-  }
-}
-
-inline void StreamHub::on_cancel(Channel& ch, std::function<void()> callback) {
-  if (!callback) return;
-  {
-    std::lock_guard<std::mutex> lock(ch.mu);
-    if (!ch.cancel_due) {
-      if (!ch.ended) ch.cancel_callbacks.push_back(std::move(callback));
-      return;  // an ended stream is never cancelled: the callback never runs
-    }
-  }
-  // Cancelled already: run it now, here; the callbacks registered before it
-  // run (or ran) on the thread that saw the cancellation.
-  std::vector<std::function<void()>> one;
-  one.push_back(std::move(callback));
-  try {
-    one[0]();
-  } catch (const std::exception& e) {
-    log(options_, LogLevel::error,
-        "dialog " + ch.dialog_id + ": on_cancel callback threw: " + e.what());
-  } catch (...) {
-    log(options_, LogLevel::error, "dialog " + ch.dialog_id + ": on_cancel callback threw");
-  }
-}
-
-inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
-  if (ch.watching_out == on || ch.fd < 0) return;
-  ch.watching_out = on;
-  epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0u);
-  ev.data.u64 = ch.id;
-  ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, ch.fd, &ev);
-}
-
-// Closing removes the socket from the epoll set; a stale event for it finds
-// the channel gone or closed and is ignored. Closing a stream that has not
-// ended is a cancellation: its callbacks become due.
-inline void StreamHub::close_locked(Channel& ch, bool wake) {
-  if (!ch.ended) ch.cancel_due = true;
-  if (ch.fd >= 0) ::close(ch.fd);
-  ch.fd = -1;
-  ch.closed = true;
-  ch.cancelled = true;
-  ch.pending.clear();
-  ch.pending_sent = 0;
-  if (wake) ch.cv.notify_all();
-}
-
-inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake, bool close_ended) {
-  if (ch.closed) return Flow::gone;
-  while (ch.unsent() > 0) {
-    const ssize_t n = ::send(ch.fd, ch.pending.data() + ch.pending_sent, ch.unsent(),
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n > 0) {
-      ch.pending_sent += static_cast<std::size_t>(n);
-      ch.last_progress = Clock::now();
-      metrics_.bytes_sent.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      watch_out_locked(ch, true);
-      return Flow::open;
-    }
-    close_locked(ch, wake);  // the client is gone: never write to it again
-    return Flow::gone;
-  }
-  ch.pending.clear();
-  ch.pending_sent = 0;
-  watch_out_locked(ch, false);
-  if (wake) ch.cv.notify_all();
-  if (ch.ended && close_ended) {
-    close_locked(ch, wake);
-    return Flow::closed;
-  }
-  return Flow::open;
-}
-
-// Adds bytes to what the socket has yet to take, without writing.
-inline void StreamHub::append_locked(Channel& ch, std::string_view bytes) {
-  if (ch.pending_sent >= 64 * 1024) {  // keep a backlogged buffer from growing
-    ch.pending.erase(0, ch.pending_sent);
-    ch.pending_sent = 0;
-  }
-  ch.last_write = Clock::now();
-  if (ch.unsent() == 0) ch.last_progress = ch.last_write;
-  ch.pending.append(bytes);
-}
-
-// Writes now unless the socket is known to be full: then the hub flushes it
-// when it drains, and a fast producer's events go out together.
-inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
-  if (ch.closed) return Flow::gone;
-  append_locked(ch, bytes);
-  if (ch.watching_out && !ch.ended) return Flow::open;
-  return flush_locked(ch);
-}
-
-// Cancels the stream: nothing the producer does from here on is written.
-inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
-  ch.cancelled = true;
-  ch.ended = true;
-  ch.ended_by_shutdown = true;
-  ch.cancel_due = true;
-}
-
-// Cancels the stream and queues its final events; does not write them nor
-// wake its producer: see cancel_all_for_shutdown().
-inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
-  cancel_for_shutdown_locked(ch);
-  if (ch.kind == ChannelKind::sse && !ch.closed) {
-    metrics_.events_sent.fetch_add(2, std::memory_order_relaxed);
-    append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
-  }
-}
-
-inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
-                            bool from_producer) {
-  for (std::size_t i = 0; i < count; ++i) {
-    const json& event = events[i];
-    const auto type = event.is_object() ? event.find("type") : event.end();
-    if (!event.is_object() || type == event.end() || !type->is_string()) {
-      throw std::invalid_argument(
-          "StreamWriter::send: an event is a JSON object with a string \"type\"");
-    }
-  }
-  const auto kind_of = [](const json& event) -> const std::string& {
-    return event.find("type")->get_ref<const std::string&>();
-  };
-
-  std::unique_lock<std::mutex> lock(ch.mu);
-  if (ch.cancelled) return false;
-  if (from_producer && !ch.producer_spoke && count > 0) {
-    ch.producer_spoke = true;
-    metrics_.first_event.observe(Clock::now() - ch.opened);
-  }
-  if (ch.kind == ChannelKind::collect) {
-    Channel::Leftovers left;
-    for (std::size_t i = 0; i < count && !ch.ended; ++i) {
-      const json& event = events[i];
-      const std::string& kind = kind_of(event);
-      ++ch.events;
-      const auto content = event.find("content");
-      if (kind == "chat" && content != event.end() && content->is_string()) {
-        ch.collected += content->get_ref<const std::string&>();
-      }
-      if (kind == "error") {
-        ch.errored = true;
-        const auto message = event.find("error");
-        ch.error = message != event.end() && message->is_string()
-                       ? message->get<std::string>()
-                       : std::string("generator reported an error");
-      }
-      if (kind == "error" || kind == "done") left = ch.end_locked();
-    }
-    lock.unlock();
-    return true;
-  }
-
-  // Backpressure: a client that reads slower than the producer writes holds
-  // the producer here, not an unbounded buffer.
-  if (ch.unsent() > kMaxUnsent) {
-    const bool room = ch.cv.wait_for(lock, options_.write_timeout, [&] {
-      return ch.cancelled.load() || ch.unsent() <= kMaxUnsent / 2;
-    });
-    if (ch.cancelled) return false;
-    if (!room) {
-      close_locked(ch);
-      lock.unlock();
-      settle(ch, Flow::gone);
-      return false;
-    }
-  }
-
-  std::string bytes;
-  Channel::Leftovers left;
-  std::size_t framed = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    const std::string& kind = kind_of(events[i]);
-    const bool is_error = kind == "error", is_done = kind == "done";
-    ++ch.events;
-    ++framed;
-    ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
-    if (is_error || is_done) {
-      if (is_error) {
-        ch.errored = true;
-        bytes += ch.tail_locked(std::nullopt);
-        ++framed;  // the done that follows
-      }
-      if (is_done && ch.format.chunked) bytes.append(kLastChunk);
-      left = ch.end_locked();
-      break;
-    }
-  }
-  metrics_.events_sent.fetch_add(framed, std::memory_order_relaxed);
-  const Flow flow = queue_locked(ch, bytes);
-  lock.unlock();
-  settle(ch, flow);
-  return flow != Flow::gone;
-}
-
-inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
-  if (d.count() <= 0) return !ch.cancelled;
-  std::unique_lock<std::mutex> lock(ch.mu);
-  return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
-}
-
-// The producer is done (error empty) or failed: `done` follows unless the
-// stream already ended. Hands back what the stream lets go of in `left`.
-inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional<json>& error,
-                                                Channel::Leftovers& left) {
-  const bool was_open = !ch.ended && !ch.closed;
-  if (was_open && error) ch.errored = true;
-  if (ch.kind == ChannelKind::collect && was_open && error) {
-    const auto message = error->find("error");
-    ch.error = message != error->end() && message->is_string() ? message->get<std::string>()
-                                                               : "generator failed";
-  }
-  left = ch.end_locked();
-  if (ch.kind == ChannelKind::collect) return Flow::closed;
-  if (!was_open) return Flow::open;  // ended by an event, the shutdown or the client
-  metrics_.events_sent.fetch_add(error ? 2 : 1, std::memory_order_relaxed);
-  return queue_locked(ch, ch.tail_locked(error));
-}
-
-inline void StreamHub::finish(Channel& ch, const std::optional<json>& error) {
-  Flow flow;
-  Channel::Leftovers left;
-  {
-    std::lock_guard<std::mutex> lock(ch.mu);
-    flow = finish_locked(ch, error, left);
-  }
-  settle(ch, flow);
-}
-
-inline std::vector<std::shared_ptr<Channel>> StreamHub::cancel_all_for_shutdown() {
-  std::vector<std::shared_ptr<Channel>> all;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    shutting_down_ = true;
-    all.reserve(channels_.size());
-    for (const auto& entry : channels_) all.push_back(entry.second);
-  }
-  // Cancel every stream: from here on its producer's writes and end are
-  // no-ops.
-  std::vector<std::shared_ptr<Channel>> ending;
-  ending.reserve(all.size());
-  for (const auto& ch : all) {
-    std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->ended || ch->closed) continue;
-    cancel_for_shutdown_locked(*ch);
-    ending.push_back(ch);
-  }
-  return ending;
-}
-
-inline void StreamHub::run_cancel_callbacks(
-    const std::vector<std::shared_ptr<Channel>>& cancelled) {
-  for (const auto& ch : cancelled) run_cancel_callbacks(*ch);
-}
-
-inline std::size_t StreamHub::end_cancelled(const std::vector<std::shared_ptr<Channel>>& ending) {
-  // Every client gets its final events, then the sockets are closed (a TCP
-  // close costs the kernel several times what the write does, and the last
-  // client's events would wait for every close before them), then the
-  // producers are woken: thousands of woken threads would otherwise compete
-  // with these writes.
-  std::vector<Channel*> written;
-  written.reserve(ending.size());
-  for (const auto& ch : ending) {
-    Flow flow = Flow::open;
-    {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      if (ch->closed || ch->kind != ChannelKind::sse) continue;
-      metrics_.events_sent.fetch_add(2, std::memory_order_relaxed);
-      append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
-      flow = flush_locked(*ch, false, false);
-      if (flow == Flow::open && ch->unsent() == 0) written.push_back(ch.get());
-    }
-    if (flow != Flow::open) forget(*ch);
-  }
-  for (Channel* ch : written) {
-    {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      if (ch->closed) continue;
-      close_locked(*ch, false);
-    }
-    forget(*ch);
-  }
-  for (const auto& ch : ending) {
-    std::lock_guard<std::mutex> lock(ch->mu);
-    ch->cv.notify_all();
-  }
-  return ending.size();
-}
-
-inline std::size_t StreamHub::close_all() {
-  std::size_t closed = 0;
-  for (const auto& ch : snapshot()) {
-    {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      if (!ch->closed) ++closed;
-      close_locked(*ch);
-    }
-    settle(*ch, Flow::gone);
-  }
-  return closed;
-}
-
-inline void StreamHub::on_socket_event(Channel& ch, std::uint32_t events) {
-  Flow flow = Flow::open;
-  {
-    std::lock_guard<std::mutex> lock(ch.mu);
-    if (ch.closed) return;
-    if (events & EPOLLIN) {
-      // A stream's client has nothing more to say; reading tells whether it
-      // is still there.
-      char scratch[4096];
-      for (;;) {
-        const ssize_t n = ::recv(ch.fd, scratch, sizeof scratch, MSG_DONTWAIT);
-        if (n > 0) continue;
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-        close_locked(ch);
-        flow = Flow::gone;
-        break;
-      }
-    }
-    if (flow == Flow::open && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))) {
-      close_locked(ch);
-      flow = Flow::gone;
-    }
-    if (flow == Flow::open && (events & EPOLLOUT)) flow = flush_locked(ch);
-  }
-  settle(ch, flow);
-}
-
-// Heartbeats on quiet streams, and the write timeout for stalled ones.
-inline void StreamHub::tick() {
-  const auto now = Clock::now();
-  const bool heartbeats = options_.heartbeat_interval.count() > 0;
-  for (const auto& ch : snapshot()) {
-    if (ch->kind != ChannelKind::sse) continue;
-    Flow flow = Flow::open;
-    {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      if (ch->closed) continue;
-      if (ch->unsent() > 0 && now - ch->last_progress >= options_.write_timeout) {
-        close_locked(*ch);
-        flow = Flow::gone;
-      } else if (heartbeats && !ch->ended && now - ch->last_write >= options_.heartbeat_interval) {
-        std::string ping;
-        if (ch->format.chunked) {
-          append_chunk(ping, kHeartbeatComment);
-        } else {
-          ping = std::string(kHeartbeatComment);
-        }
-        flow = queue_locked(*ch, ping);
-      }
-    }
-    settle(*ch, flow);
-  }
-}
-
-inline void StreamHub::run() {
-  using std::chrono::milliseconds;
-  auto period = milliseconds(1000);
-  if (options_.heartbeat_interval.count() > 0) {
-    period = std::min(period, options_.heartbeat_interval / 4);
-  }
-  period = std::max(std::min(period, options_.write_timeout / 4), milliseconds(5));
-  auto next_tick = Clock::now() + period;
-  std::vector<epoll_event> events(512);
-  while (running_) {
-    const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(
-                          next_tick - Clock::now() + std::chrono::microseconds(999))
-                          .count() /
-                      1000;
-    const int n = ::epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()),
-                               static_cast<int>(std::max<long long>(wait, 0)));
-    for (int i = 0; i < n; ++i) {
-      const std::uint64_t id = events[i].data.u64;
-      if (id == kWakeId) {
-        std::uint64_t drained;
-        const ssize_t r = ::read(wake_fd_, &drained, sizeof drained);
-        (void)r;
-        continue;
-      }
-      if (const auto ch = find(id)) on_socket_event(*ch, events[i].events);
-    }
-    if (Clock::now() >= next_tick) {
-      tick();
-      next_tick = Clock::now() + period;
-    }
-  }
-}
-
-// ===========================================================================
-// Worker pool: the HTTP front end's threads, grown on demand
-// ===========================================================================
-
-// cpp-httplib's default pool has a fixed max(8, cores-1) threads and an
-// unbounded queue, so the ninth stream waits silently. This one starts empty
-// and grows on demand up to a cap sized from max_streams, but not faster than
-// it needs to. A worker about to block for long (a generator's whole stream,
-// a non-streaming chat waiting for its answer) says so with a Blocking guard:
-// it no longer counts among the 8 workers kept ready, and a task waiting for
-// it gets a new thread at once. Any other task is short (a request whose
-// bytes are there is read and answered or handed on in microseconds), so a
-// burst is absorbed by those 8; only when queued tasks make no progress for
-// 20 ms or more (a host's route handler or a slow client's body holds every
-// thread; a merely busy CPU does not stall them that long) does a monitor add
-// a thread per waiting task. Threads that idle for 2 s exit. Threads are
-// detached and share the pool state, so a task stuck in a generator that
-// ignores cancellation cannot hold up shutdown(); it is left to finish.
-class WorkerPool final : public httplib::TaskQueue {
-  struct State;
-
- public:
-  WorkerPool(std::size_t max_threads, std::chrono::milliseconds idle_exit)
-      : state_(std::make_shared<State>()) {
-    state_->max_threads = std::max<std::size_t>(max_threads, 1);
-    state_->idle_exit = idle_exit;
-  }
-  ~WorkerPool() override { shutdown(); }
-
-  // Held by a task that is about to block for long; nothing outside a
-  // worker of a pool.
-  class Blocking {
-   public:
-    Blocking();
-    ~Blocking();
-    Blocking(const Blocking&) = delete;
-    Blocking& operator=(const Blocking&) = delete;
-
-   private:
-    State* const state_;
-  };
-
-  void enqueue(std::function<void()> task) override {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    state_->tasks.push_back(std::move(task));
-    if (unserved_locked(*state_) == 0) {
-      state_->work_cv.notify_one();
-      return;
-    }
-    if (state_->threads - state_->blocked < std::min(kEagerThreads, state_->max_threads)) {
-      if (spawn_locked(*state_, 1) > 0) return;
-    }
-    if (!state_->monitor_running) {
-      try {
-        std::thread(&WorkerPool::monitor, state_).detach();
-        state_->monitor_running = true;
-      } catch (const std::system_error&) {
-        // Out of threads: the task waits for a busy one to come free.
-      }
-    }
-    state_->monitor_cv.notify_one();
-  }
-
-  // What cpp-httplib's accept loop gets, owns and deletes: the pool itself
-  // is shut down by its owner.
-  class Ref final : public httplib::TaskQueue {
-   public:
-    explicit Ref(WorkerPool& pool) : pool_(pool) {}
-    void enqueue(std::function<void()> task) override { pool_.enqueue(std::move(task)); }
-    void shutdown() override {}
-
-   private:
-    WorkerPool& pool_;
-  };
-
-  // Waits briefly for the workers to exit; any still busy then is stuck in a
-  // generator and left to finish on its own.
-  void shutdown() override {
-    std::unique_lock<std::mutex> lock(state_->mu);
-    if (state_->stopping) return;
-    state_->stopping = true;
-    state_->work_cv.notify_all();
-    state_->monitor_cv.notify_all();
-    state_->exit_cv.wait_for(lock, std::chrono::milliseconds(50),
-                             [&] { return state_->threads == 0 && !state_->monitor_running; });
-  }
-
- private:
-  static constexpr std::size_t kEagerThreads = 8;
-  // How long queued tasks must make no progress before the monitor adds
-  // threads: longer as the pool grows, so that a loaded machine (where every
-  // task is slow) does not inflate it. Measured: with 1 ms below 16 threads
-  // a ramp of 1,000 streams on 2 busy cores grew the pool to ~200 threads,
-  // all of them idle a moment later.
-  static std::chrono::milliseconds starved_after(std::size_t ready_threads) {
-    return std::chrono::milliseconds(ready_threads < 16 ? 20 : 50);
-  }
-
-  struct State : std::enable_shared_from_this<State> {
-    std::mutex mu;
-    std::condition_variable work_cv, exit_cv, monitor_cv;
-    std::deque<std::function<void()>> tasks;
-    std::size_t threads = 0, idle = 0, max_threads = 1;
-    std::size_t blocked = 0;  // threads inside a Blocking guard
-    std::uint64_t taken = 0;  // tasks dequeued so far: the monitor's progress mark
-    std::chrono::milliseconds idle_exit{10000};
-    bool stopping = false;
-    bool monitor_running = false;
-  };
-
-  // Queued tasks that no idle worker is about to take. Threads started but
-  // not yet running do not count: on a machine saturated by thousands of
-  // generator threads a new thread waits long for its first time slice, and
-  // starting a few too many (they exit after 2 s idle) keeps a ramp of
-  // threaded generators going (3,000 of them: 52 s with, over 60 without).
-  static std::size_t unserved_locked(const State& s) {
-    return s.tasks.size() > s.idle ? s.tasks.size() - s.idle : 0;
-  }
-
-  // Starts up to `count` workers; returns how many it started.
-  static std::size_t spawn_locked(State& s, std::size_t count) {
-    std::size_t started = 0;
-    while (started < count && s.threads < s.max_threads) {
-      try {
-        std::thread(&WorkerPool::work, s.shared_from_this()).detach();
-      } catch (const std::system_error&) {
-        break;
-      }
-      ++s.threads;
-      ++started;
-    }
-    return started;
-  }
-
-  static void monitor(std::shared_ptr<State> s) {
-    name_thread("as-pool");
-    std::unique_lock<std::mutex> lock(s->mu);
-    while (!s->stopping) {
-      const auto starved = [&] { return unserved_locked(*s) > 0; };
-      if (!starved()) {
-        // Like an idle worker, an idle monitor exits; enqueue() starts another.
-        if (!s->monitor_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || starved(); }))
-          break;
-        continue;
-      }
-      const std::uint64_t mark = s->taken;
-      s->monitor_cv.wait_for(lock, starved_after(s->threads - s->blocked),
-                             [&] { return s->stopping; });
-      if (s->stopping || !starved() || s->taken != mark) continue;
-      spawn_locked(*s, unserved_locked(*s));
-    }
-    s->monitor_running = false;
-    s->exit_cv.notify_all();
-  }
-
-  static void work(std::shared_ptr<State> s) {
-    name_thread("as-worker");
-    t_state = s.get();
-    std::unique_lock<std::mutex> lock(s->mu);
-    for (;;) {
-      if (!s->tasks.empty()) {
-        auto task = std::move(s->tasks.front());
-        s->tasks.pop_front();
-        ++s->taken;
-        lock.unlock();
-        try {
-          task();
-        } catch (...) {
-          // A connection's failure must not take the process down.
-        }
-        task = nullptr;
-        lock.lock();
-        continue;
-      }
-      if (s->stopping) break;
-      ++s->idle;
-      const bool woken =
-          s->work_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || !s->tasks.empty(); });
-      --s->idle;
-      if (!woken) break;
-    }
-    --s->threads;
-    s->exit_cv.notify_all();
-  }
-
-  static inline thread_local State* t_state = nullptr;  // the pool of this worker
-
-  std::shared_ptr<State> state_;
-};
-
-inline WorkerPool::Blocking::Blocking() : state_(t_state) {
-  if (!state_) return;
-  std::lock_guard<std::mutex> lock(state_->mu);
-  ++state_->blocked;
-  spawn_locked(*state_, unserved_locked(*state_));  // its replacement, or more (unserved_locked)
-}
-
-inline WorkerPool::Blocking::~Blocking() {
-  if (!state_) return;
-  std::lock_guard<std::mutex> lock(state_->mu);
-  --state_->blocked;
-}
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/lifecycle/status_file.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // Status file
@@ -2066,18 +1513,9 @@ inline bool StatusFile::pid_alive(long long pid) {
   return errno != ESRCH;  // EPERM: alive, owned by another user
 }
 
+// As AgentSmithy's server writes it: microseconds, "+00:00".
 inline std::string StatusFile::iso_now() {
-  const auto now = std::chrono::system_clock::now();
-  const auto us =
-      std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
-  const std::time_t secs = static_cast<std::time_t>(us / 1000000);
-  std::tm tm{};
-  ::gmtime_r(&secs, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                static_cast<int>(us % 1000000));
-  return buf;
+  return format_utc(std::chrono::system_clock::now(), 6, "+00:00");
 }
 
 inline StatusFile::FileLock::FileLock(const std::string& path) {
@@ -2323,6 +1761,946 @@ inline bool StatusFile::error(const std::string& message) {
   return ok;
 }
 
+}  // namespace detail
+}  // namespace agentsmithy
+
+// A chat request's path: its channel and the hub that owns every stream's
+// socket; the threads that serve connections and the room where idle ones
+// wait; the server's shared state; the HTTP front end on cpp-httplib.
+// ---- include/agentsmithy/streams/channel.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Channels: one per chat request, between its producer and its client
+// ===========================================================================
+
+enum class ChannelKind { sse, collect };
+
+// How a stream's events are framed on the wire.
+struct StreamFormat {
+  bool chunked = true;     // false: HTTP/1.0, the body ends with the connection
+  bool event_ids = false;  // the GET route: an `id:` line per event (EventSource)
+};
+
+// Everything below `mu` is guarded by it. A channel's socket is written by
+// whichever thread has something to say (a producer, the hub thread, the
+// shutdown), always under `mu`, so events never interleave and no thread
+// waits for another to relay its bytes.
+struct Channel {
+  Channel(std::uint64_t id_, ChannelKind kind_, int fd_, std::string dialog_id_,
+          StreamFormat format_)
+      : id(id_), kind(kind_), dialog_id(std::move(dialog_id_)), format(format_), fd(fd_) {}
+
+  const std::uint64_t id;
+  const ChannelKind kind;
+  const std::string dialog_id;
+  const StreamFormat format;
+  // Set under `mu`; read without it by cancelled(). True once nothing more
+  // can be written: the stream ended or was cancelled.
+  std::atomic<bool> cancelled{false};
+
+  std::mutex mu;
+  std::condition_variable cv;         // cancellation, the end, and room in `pending`
+  int fd;                             // -1 once closed (sse only)
+  EventLoop::Watch* watch = nullptr;  // the hub's registration of fd
+  std::string pending;                // framed bytes the socket has not taken yet
+  std::size_t pending_sent = 0;
+  bool ended = false;   // the last event is queued: nothing more is added
+  bool closed = false;  // socket closed (sse) or abandoned (collect)
+  bool watching_out = false;
+  bool ended_by_shutdown = false;
+  bool errored = false;  // ended by an error event or a failed producer
+  bool producer_spoke = false;
+  const Clock::time_point opened = Clock::now();
+  Clock::time_point last_write = Clock::now();
+  Clock::time_point last_progress = Clock::now();
+  std::size_t events = 0;
+  std::uint64_t last_event_id = 0;  // format.event_ids
+  std::string collected;            // collect: the chat chunks joined
+  std::string error;                // collect: the producer's error event
+  // The max_streams slot, held until the producer ends the stream (not when
+  // it is merely cancelled: the producer may still be running).
+  std::shared_ptr<void> hold;
+  // on_cancel callbacks; `cancel_due` once a cancellation (not a normal end)
+  // happened, `cancel_fired` once they were taken to run.
+  std::vector<std::function<void()>> cancel_callbacks;
+  bool cancel_due = false;
+  bool cancel_fired = false;
+
+  std::size_t unsent() const { return pending.size() - pending_sent; }
+
+  // One SSE event carrying `json_text`, framed for this stream.
+  void frame_locked(std::string& out, std::string_view json_text, int retry_ms = 0) {
+    std::string block;
+    block.reserve(json_text.size() + 32);
+    if (retry_ms > 0) block += "retry: " + std::to_string(retry_ms) + "\n";
+    if (format.event_ids) block += "id: " + std::to_string(++last_event_id) + "\n";
+    block += "data: ";
+    block += json_text;
+    block += "\n\n";
+    if (format.chunked) {
+      append_chunk(out, block);
+    } else {
+      out += block;
+    }
+  }
+
+  // How every stream ends: [error,] done, then the terminating chunk. The
+  // shutdown's error tells a browser when to come back (`retry:`).
+  std::string tail_locked(const std::optional<json>& error, bool shutdown = false) {
+    std::string tail;
+    if (error) {
+      frame_locked(tail, event_text(*error, dialog_id, false),
+                   shutdown && format.event_ids ? random_retry_ms() : 0);
+    }
+    frame_locked(tail, event_text(done_event(), dialog_id, true));
+    if (format.chunked) tail.append(kLastChunk);
+    return tail;
+  }
+
+  // What a stream lets go of when its producer ends it: its slot, and the
+  // callbacks that can no longer run (they may hold the writer). Destroyed
+  // once `mu` is released.
+  struct Leftovers {
+    std::shared_ptr<void> hold;
+    std::vector<std::function<void()>> callbacks;
+  };
+  Leftovers end_locked() {
+    ended = true;
+    cancelled = true;
+    cv.notify_all();
+    Leftovers left{std::exchange(hold, nullptr), {}};
+    if (!cancel_due) left.callbacks.swap(cancel_callbacks);
+    return left;
+  }
+};
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/streams/stream_hub.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Stream hub: owns every streaming socket once its headers are due
+// ===========================================================================
+
+// One epoll thread watches all streams: it notices a client that went away
+// (EOF, reset) the moment it happens, finishes writes a slow client could not
+// take at once, sends heartbeats and drops stalled clients. Producers write
+// directly and only fall back on the hub when a socket is full.
+class StreamHub {
+ public:
+  StreamHub(const Options& options, Metrics& metrics, std::function<void()> on_count_change);
+  ~StreamHub();
+  StreamHub(const StreamHub&) = delete;
+  StreamHub& operator=(const StreamHub&) = delete;
+
+  void start();
+  void stop();  // joins the hub thread; call after close_all()
+
+  // Takes ownership of `fd` and queues the stream's response `head`. `hold`
+  // is released when the stream ends.
+  std::shared_ptr<Channel> open_stream(int fd, const std::string& dialog_id, StreamFormat format,
+                                       const std::string& head, std::shared_ptr<void> hold);
+  std::shared_ptr<Channel> open_collector(const std::string& dialog_id, std::shared_ptr<void> hold);
+
+  // `events[0..count)` in one write; false once cancelled. `from_producer`:
+  // false for what the server itself sends (the user event).
+  bool send(Channel& ch, const json* events, std::size_t count, bool from_producer = true);
+  bool wait(Channel& ch, std::chrono::milliseconds d);
+  // The producer ended the stream (error empty) or failed: `done` follows.
+  void finish(Channel& ch, const std::optional<json>& error);
+  void on_cancel(Channel& ch, std::function<void()> callback);
+
+  // The drain's first step: every open stream is cancelled (from here on
+  // its producer's writes are no-ops). Returns the streams it cancelled, for
+  // run_cancel_callbacks() and write_shutdown_tails().
+  std::vector<std::shared_ptr<Channel>> cancel_all_for_shutdown();
+  // Their on_cancel callbacks, so that producers blocked in a call are let go
+  // within milliseconds.
+  void run_cancel_callbacks(const std::vector<std::shared_ptr<Channel>>& cancelled);
+  // The next: each of them gets error + done + last chunk, written by this one
+  // thread, before any producer is woken. Returns how many.
+  std::size_t write_shutdown_tails(const std::vector<std::shared_ptr<Channel>>& ending);
+  // The grace deadline: closes whatever is left. Returns how many.
+  std::size_t close_all();
+  std::size_t active() const { return count_.load(); }
+
+ private:
+  enum class Flow { open, closed, gone };
+  static constexpr std::size_t kMaxUnsent = 1 << 20;  // then send() waits
+
+  std::shared_ptr<Channel> add(std::shared_ptr<Channel> ch, std::string_view head);
+  std::uint64_t next_id();
+  std::shared_ptr<Channel> find(std::uint64_t id) const;
+  std::vector<std::shared_ptr<Channel>> snapshot() const;
+  // After a channel's lock is released: drops it from the hub if it closed,
+  // and runs its cancel callbacks if a cancellation made them due.
+  void settle(Channel& ch, Flow flow);
+  void forget(Channel& ch);
+  void run_cancel_callbacks(Channel& ch);
+  void run();
+  void tick();
+  void on_socket_event(Channel& ch, std::uint32_t events);
+
+  void append_locked(Channel& ch, std::string_view bytes);
+  Flow queue_locked(Channel& ch, std::string_view bytes);
+  Flow finish_locked(Channel& ch, const std::optional<json>& error, Channel::Leftovers& left);
+  // `wake`: notify whoever waits on the channel if it closes. `close_ended`:
+  // close an ended stream once all of it is written (else the caller does).
+  Flow flush_locked(Channel& ch, bool wake = true, bool close_ended = true);
+  void watch_out_locked(Channel& ch, bool on);
+  void cancel_for_shutdown_locked(Channel& ch);
+  void end_for_shutdown_locked(Channel& ch);
+  void close_locked(Channel& ch, bool wake = true);
+  void drop_client_locked(Channel& ch, bool wake = true);
+
+  const Options& options_;
+  Metrics& metrics_;
+  const std::function<void()> on_count_change_;
+  EventLoop loop_;
+  std::thread thread_;
+  std::atomic<std::size_t> count_{0};
+  mutable std::mutex mu_;
+  std::unordered_map<std::uint64_t, std::shared_ptr<Channel>> channels_;
+  std::uint64_t next_id_ = 1;
+  bool shutting_down_ = false;
+};
+
+inline StreamHub::StreamHub(const Options& options, Metrics& metrics,
+                            std::function<void()> on_count_change)
+    : options_(options), metrics_(metrics), on_count_change_(std::move(on_count_change)) {}
+
+inline StreamHub::~StreamHub() { close_all(); }
+
+inline void StreamHub::start() {
+  thread_ = std::thread([this] {
+    name_thread("as-hub");
+    run();
+  });
+}
+
+inline void StreamHub::stop() {
+  if (!thread_.joinable()) return;
+  loop_.stop();
+  thread_.join();
+}
+
+inline std::uint64_t StreamHub::next_id() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_id_++;
+}
+
+inline std::shared_ptr<Channel> StreamHub::add(std::shared_ptr<Channel> ch, std::string_view head) {
+  if (ch->kind == ChannelKind::sse) {
+    // Before the channel is shared: once it is, only `mu` guards the fd.
+    ch->watch = loop_.watch(ch->fd, EPOLLIN | EPOLLRDHUP,
+                            [this, weak = std::weak_ptr<Channel>(ch)](std::uint32_t events) {
+                              if (const auto live = weak.lock()) on_socket_event(*live, events);
+                            });
+  }
+  bool late = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    channels_.emplace(ch->id, ch);
+    late = shutting_down_;
+  }
+  ++count_;
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->kind == ChannelKind::sse) flow = queue_locked(*ch, head);
+    // Admitted just as the shutdown began: end it like the others.
+    if (late && flow == Flow::open && !ch->ended) {
+      end_for_shutdown_locked(*ch);
+      ch->cv.notify_all();
+      if (!ch->closed && ch->kind == ChannelKind::sse) flow = flush_locked(*ch);
+    }
+  }
+  settle(*ch, flow);
+  return ch;
+}
+
+inline std::shared_ptr<Channel> StreamHub::open_stream(int fd, const std::string& dialog_id,
+                                                       StreamFormat format, const std::string& head,
+                                                       std::shared_ptr<void> hold) {
+  auto ch = std::make_shared<Channel>(next_id(), ChannelKind::sse, fd, dialog_id, format);
+  ch->hold = std::move(hold);
+  return add(std::move(ch), head);
+}
+
+inline std::shared_ptr<Channel> StreamHub::open_collector(const std::string& dialog_id,
+                                                          std::shared_ptr<void> hold) {
+  auto ch =
+      std::make_shared<Channel>(next_id(), ChannelKind::collect, -1, dialog_id, StreamFormat{});
+  ch->hold = std::move(hold);
+  return add(std::move(ch), {});
+}
+
+inline std::shared_ptr<Channel> StreamHub::find(std::uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto it = channels_.find(id);
+  return it == channels_.end() ? nullptr : it->second;
+}
+
+inline std::vector<std::shared_ptr<Channel>> StreamHub::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<Channel>> all;
+  all.reserve(channels_.size());
+  for (const auto& entry : channels_) all.push_back(entry.second);
+  return all;
+}
+
+inline void StreamHub::settle(Channel& ch, Flow flow) {
+  if (flow != Flow::open) forget(ch);
+  run_cancel_callbacks(ch);
+}
+
+inline void StreamHub::forget(Channel& ch) {
+  bool erased;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    erased = channels_.erase(ch.id) > 0;
+  }
+  if (!erased) return;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    const Outcome outcome = ch.ended_by_shutdown ? Outcome::shutdown
+                            : ch.errored         ? Outcome::error
+                            : ch.ended           ? Outcome::completed
+                                                 : Outcome::client_gone;
+    metrics_.count_stream_end(outcome, Clock::now() - ch.opened);
+  }
+  // Only the last one matters to a drain waiting for zero.
+  if (--count_ == 0) on_count_change_();
+}
+
+inline void StreamHub::run_cancel_callbacks(Channel& ch) {
+  std::vector<std::function<void()>> callbacks;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (!ch.cancel_due || ch.cancel_fired) return;
+    ch.cancel_fired = true;
+    callbacks.swap(ch.cancel_callbacks);
+  }
+  for (std::size_t i = 0; i < callbacks.size(); ++i) {
+    try {
+      callbacks[i]();
+    } catch (const std::exception& e) {
+      log(options_, LogLevel::error,
+          "dialog " + ch.dialog_id + ": on_cancel callback " + std::to_string(i) +
+              " threw: " + e.what());
+    } catch (...) {
+      log(options_, LogLevel::error,
+          "dialog " + ch.dialog_id + ": on_cancel callback " + std::to_string(i) + " threw");
+    }
+  }
+}
+
+inline void StreamHub::on_cancel(Channel& ch, std::function<void()> callback) {
+  if (!callback) return;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (!ch.cancel_due) {
+      if (!ch.ended) ch.cancel_callbacks.push_back(std::move(callback));
+      return;  // an ended stream is never cancelled: the callback never runs
+    }
+  }
+  // Cancelled already: run it now, here; the callbacks registered before it
+  // run (or ran) on the thread that saw the cancellation.
+  std::vector<std::function<void()>> one;
+  one.push_back(std::move(callback));
+  try {
+    one[0]();
+  } catch (const std::exception& e) {
+    log(options_, LogLevel::error,
+        "dialog " + ch.dialog_id + ": on_cancel callback threw: " + e.what());
+  } catch (...) {
+    log(options_, LogLevel::error, "dialog " + ch.dialog_id + ": on_cancel callback threw");
+  }
+}
+
+inline void StreamHub::watch_out_locked(Channel& ch, bool on) {
+  if (ch.watching_out == on || ch.fd < 0) return;
+  ch.watching_out = on;
+  if (ch.watch) loop_.rearm(ch.watch, EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0u));
+}
+
+// Closing removes the socket from the epoll set; a stale event for it finds
+// the channel gone or closed and is ignored. Closing a stream that has not
+// ended is a cancellation: its callbacks become due.
+inline void StreamHub::close_locked(Channel& ch, bool wake) {
+  if (!ch.ended) ch.cancel_due = true;
+  // Out of the epoll set before the close: a child forked meanwhile may hold
+  // the socket open, and the set would go on reporting it.
+  loop_.unwatch(std::exchange(ch.watch, nullptr));
+  if (ch.fd >= 0) ::close(ch.fd);
+  ch.fd = -1;
+  ch.closed = true;
+  ch.cancelled = true;
+  ch.pending.clear();
+  ch.pending_sent = 0;
+  if (wake) ch.cv.notify_all();
+}
+
+// RULE client_disconnect_cancels_producer: a client that is gone (EOF or
+// reset seen by the hub thread, a failed write, a write stalled past
+// write_timeout) is never written to again, and its producer is cancelled:
+// send() returns false from now on, and the on_cancel callbacks run (settle())
+// once the channel's lock is released, within milliseconds of the cause. A
+// stop button is such a disconnect.
+inline void StreamHub::drop_client_locked(Channel& ch, bool wake) { close_locked(ch, wake); }
+
+inline StreamHub::Flow StreamHub::flush_locked(Channel& ch, bool wake, bool close_ended) {
+  if (ch.closed) return Flow::gone;
+  while (ch.unsent() > 0) {
+    const ssize_t n = ::send(ch.fd, ch.pending.data() + ch.pending_sent, ch.unsent(),
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      ch.pending_sent += static_cast<std::size_t>(n);
+      ch.last_progress = Clock::now();
+      metrics_.count_bytes_sent(static_cast<std::uint64_t>(n));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      watch_out_locked(ch, true);
+      return Flow::open;
+    }
+    drop_client_locked(ch, wake);  // the client is gone: never write to it again
+    return Flow::gone;
+  }
+  ch.pending.clear();
+  ch.pending_sent = 0;
+  watch_out_locked(ch, false);
+  if (wake) ch.cv.notify_all();
+  if (ch.ended && close_ended) {
+    close_locked(ch, wake);
+    return Flow::closed;
+  }
+  return Flow::open;
+}
+
+// Adds bytes to what the socket has yet to take, without writing.
+inline void StreamHub::append_locked(Channel& ch, std::string_view bytes) {
+  if (ch.pending_sent >= 64 * 1024) {  // keep a backlogged buffer from growing
+    ch.pending.erase(0, ch.pending_sent);
+    ch.pending_sent = 0;
+  }
+  ch.last_write = Clock::now();
+  if (ch.unsent() == 0) ch.last_progress = ch.last_write;
+  ch.pending.append(bytes);
+}
+
+// Writes now unless the socket is known to be full: then the hub flushes it
+// when it drains, and a fast producer's events go out together.
+inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view bytes) {
+  if (ch.closed) return Flow::gone;
+  append_locked(ch, bytes);
+  if (ch.watching_out && !ch.ended) return Flow::open;
+  return flush_locked(ch);
+}
+
+// Cancels the stream: nothing the producer does from here on is written.
+inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
+  ch.cancelled = true;
+  ch.ended = true;
+  ch.ended_by_shutdown = true;
+  ch.cancel_due = true;
+}
+
+// Cancels the stream and queues its final events; does not write them nor
+// wake its producer: see cancel_all_for_shutdown().
+inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
+  cancel_for_shutdown_locked(ch);
+  if (ch.kind == ChannelKind::sse && !ch.closed) {
+    metrics_.count_events_sent(2);
+    append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
+  }
+}
+
+inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
+                            bool from_producer) {
+  for (std::size_t i = 0; i < count; ++i) {
+    const json& event = events[i];
+    const auto type = event.is_object() ? event.find("type") : event.end();
+    if (!event.is_object() || type == event.end() || !type->is_string()) {
+      throw std::invalid_argument(
+          "StreamWriter::send: an event is a JSON object with a string \"type\"");
+    }
+  }
+  const auto kind_of = [](const json& event) -> const std::string& {
+    return event.find("type")->get_ref<const std::string&>();
+  };
+
+  std::unique_lock<std::mutex> lock(ch.mu);
+  if (ch.cancelled) return false;
+  if (from_producer && !ch.producer_spoke && count > 0) {
+    ch.producer_spoke = true;
+    metrics_.count_first_event(Clock::now() - ch.opened);
+  }
+  if (ch.kind == ChannelKind::collect) {
+    Channel::Leftovers left;
+    for (std::size_t i = 0; i < count && !ch.ended; ++i) {
+      const json& event = events[i];
+      const std::string& kind = kind_of(event);
+      ++ch.events;
+      const auto content = event.find("content");
+      if (kind == "chat" && content != event.end() && content->is_string()) {
+        ch.collected += content->get_ref<const std::string&>();
+      }
+      if (kind == "error") {
+        ch.errored = true;
+        const auto message = event.find("error");
+        ch.error = message != event.end() && message->is_string()
+                       ? message->get<std::string>()
+                       : std::string("generator reported an error");
+      }
+      if (kind == "error" || kind == "done") left = ch.end_locked();
+    }
+    lock.unlock();
+    return true;
+  }
+
+  // Backpressure: a client that reads slower than the producer writes holds
+  // the producer here, not an unbounded buffer.
+  if (ch.unsent() > kMaxUnsent) {
+    const bool room = ch.cv.wait_for(lock, options_.write_timeout, [&] {
+      return ch.cancelled.load() || ch.unsent() <= kMaxUnsent / 2;
+    });
+    if (ch.cancelled) return false;
+    if (!room) {
+      drop_client_locked(ch);
+      lock.unlock();
+      settle(ch, Flow::gone);
+      return false;
+    }
+  }
+
+  std::string bytes;
+  Channel::Leftovers left;
+  std::size_t framed = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::string& kind = kind_of(events[i]);
+    const bool is_error = kind == "error", is_done = kind == "done";
+    ++ch.events;
+    ++framed;
+    ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
+    if (is_error || is_done) {
+      if (is_error) {
+        ch.errored = true;
+        bytes += ch.tail_locked(std::nullopt);
+        ++framed;  // the done that follows
+      }
+      if (is_done && ch.format.chunked) bytes.append(kLastChunk);
+      left = ch.end_locked();
+      break;
+    }
+  }
+  metrics_.count_events_sent(framed);
+  const Flow flow = queue_locked(ch, bytes);
+  lock.unlock();
+  settle(ch, flow);
+  return flow != Flow::gone;
+}
+
+inline bool StreamHub::wait(Channel& ch, std::chrono::milliseconds d) {
+  if (d.count() <= 0) return !ch.cancelled;
+  std::unique_lock<std::mutex> lock(ch.mu);
+  return !ch.cv.wait_for(lock, d, [&] { return ch.cancelled.load(); });
+}
+
+// The producer is done (error empty) or failed: `done` follows unless the
+// stream already ended. Hands back what the stream lets go of in `left`.
+inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional<json>& error,
+                                                Channel::Leftovers& left) {
+  const bool was_open = !ch.ended && !ch.closed;
+  if (was_open && error) ch.errored = true;
+  if (ch.kind == ChannelKind::collect && was_open && error) {
+    const auto message = error->find("error");
+    ch.error = message != error->end() && message->is_string() ? message->get<std::string>()
+                                                               : "generator failed";
+  }
+  left = ch.end_locked();
+  if (ch.kind == ChannelKind::collect) return Flow::closed;
+  if (!was_open) return Flow::open;  // ended by an event, the shutdown or the client
+  metrics_.count_events_sent(error ? 2 : 1);
+  return queue_locked(ch, ch.tail_locked(error));
+}
+
+inline void StreamHub::finish(Channel& ch, const std::optional<json>& error) {
+  Flow flow;
+  Channel::Leftovers left;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    flow = finish_locked(ch, error, left);
+  }
+  settle(ch, flow);
+}
+
+inline std::vector<std::shared_ptr<Channel>> StreamHub::cancel_all_for_shutdown() {
+  std::vector<std::shared_ptr<Channel>> all;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    shutting_down_ = true;
+    all.reserve(channels_.size());
+    for (const auto& entry : channels_) all.push_back(entry.second);
+  }
+  // Cancel every stream: from here on its producer's writes and end are
+  // no-ops.
+  std::vector<std::shared_ptr<Channel>> ending;
+  ending.reserve(all.size());
+  for (const auto& ch : all) {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->ended || ch->closed) continue;
+    cancel_for_shutdown_locked(*ch);
+    ending.push_back(ch);
+  }
+  return ending;
+}
+
+inline void StreamHub::run_cancel_callbacks(
+    const std::vector<std::shared_ptr<Channel>>& cancelled) {
+  for (const auto& ch : cancelled) run_cancel_callbacks(*ch);
+}
+
+inline std::size_t StreamHub::write_shutdown_tails(
+    const std::vector<std::shared_ptr<Channel>>& ending) {
+  // Every client gets its final events, then the sockets are closed (a TCP
+  // close costs the kernel several times what the write does, and the last
+  // client's events would wait for every close before them), then the
+  // producers are woken: thousands of woken threads would otherwise compete
+  // with these writes.
+  std::vector<Channel*> written;
+  written.reserve(ending.size());
+  for (const auto& ch : ending) {
+    Flow flow = Flow::open;
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (ch->closed || ch->kind != ChannelKind::sse) continue;
+      metrics_.count_events_sent(2);
+      append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
+      flow = flush_locked(*ch, false, false);
+      if (flow == Flow::open && ch->unsent() == 0) written.push_back(ch.get());
+    }
+    if (flow != Flow::open) forget(*ch);
+  }
+  for (Channel* ch : written) {
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (ch->closed) continue;
+      close_locked(*ch, false);
+    }
+    forget(*ch);
+  }
+  for (const auto& ch : ending) {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    ch->cv.notify_all();
+  }
+  return ending.size();
+}
+
+inline std::size_t StreamHub::close_all() {
+  std::size_t closed = 0;
+  for (const auto& ch : snapshot()) {
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (!ch->closed) ++closed;
+      close_locked(*ch);
+    }
+    settle(*ch, Flow::gone);
+  }
+  return closed;
+}
+
+inline void StreamHub::on_socket_event(Channel& ch, std::uint32_t events) {
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (ch.closed) return;
+    if (events & EPOLLIN) {
+      // A stream's client has nothing more to say; reading tells whether it
+      // is still there.
+      char scratch[4096];
+      for (;;) {
+        const ssize_t n = ::recv(ch.fd, scratch, sizeof scratch, MSG_DONTWAIT);
+        if (n > 0) continue;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        drop_client_locked(ch);
+        flow = Flow::gone;
+        break;
+      }
+    }
+    if (flow == Flow::open && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))) {
+      drop_client_locked(ch);
+      flow = Flow::gone;
+    }
+    if (flow == Flow::open && (events & EPOLLOUT)) flow = flush_locked(ch);
+  }
+  settle(ch, flow);
+}
+
+// Heartbeats on quiet streams, and the write timeout for stalled ones.
+inline void StreamHub::tick() {
+  const auto now = Clock::now();
+  const bool heartbeats = options_.heartbeat_interval.count() > 0;
+  for (const auto& ch : snapshot()) {
+    if (ch->kind != ChannelKind::sse) continue;
+    Flow flow = Flow::open;
+    {
+      std::lock_guard<std::mutex> lock(ch->mu);
+      if (ch->closed) continue;
+      if (ch->unsent() > 0 && now - ch->last_progress >= options_.write_timeout) {
+        drop_client_locked(*ch);
+        flow = Flow::gone;
+      } else if (heartbeats && !ch->ended && now - ch->last_write >= options_.heartbeat_interval) {
+        std::string ping;
+        if (ch->format.chunked) {
+          append_chunk(ping, kHeartbeatComment);
+        } else {
+          ping = std::string(kHeartbeatComment);
+        }
+        flow = queue_locked(*ch, ping);
+      }
+    }
+    settle(*ch, flow);
+  }
+}
+
+inline void StreamHub::run() {
+  using std::chrono::milliseconds;
+  auto period = milliseconds(1000);
+  if (options_.heartbeat_interval.count() > 0) {
+    period = std::min(period, options_.heartbeat_interval / 4);
+  }
+  period = std::max(std::min(period, options_.write_timeout / 4), milliseconds(5));
+  auto next_tick = Clock::now() + period;
+  while (loop_.pass(next_tick)) {
+    if (Clock::now() >= next_tick) {
+      tick();
+      next_tick = Clock::now() + period;
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/connections/worker_pool.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Worker pool: the HTTP front end's threads, grown on demand
+// ===========================================================================
+
+// cpp-httplib's default pool has a fixed max(8, cores-1) threads and an
+// unbounded queue, so the ninth stream waits silently. This one starts empty
+// and grows on demand up to a cap sized from max_streams, but not faster than
+// it needs to. A worker about to block for long (a generator's whole stream,
+// a non-streaming chat waiting for its answer) says so with a Blocking guard:
+// it no longer counts among the 8 workers kept ready, and a task waiting for
+// it gets a new thread at once. Any other task is short (a request whose
+// bytes are there is read and answered or handed on in microseconds), so a
+// burst is absorbed by those 8; only when queued tasks make no progress for
+// 20 ms or more (a host's route handler or a slow client's body holds every
+// thread; a merely busy CPU does not stall them that long) does a monitor add
+// a thread per waiting task. Threads that idle for 2 s exit. Threads are
+// detached and share the pool state, so a task stuck in a generator that
+// ignores cancellation cannot hold up shutdown(); it is left to finish.
+class WorkerPool final : public httplib::TaskQueue {
+  struct State;
+
+ public:
+  WorkerPool(std::size_t max_threads, std::chrono::milliseconds idle_exit)
+      : state_(std::make_shared<State>()) {
+    state_->max_threads = std::max<std::size_t>(max_threads, 1);
+    state_->idle_exit = idle_exit;
+  }
+  ~WorkerPool() override { shutdown(); }
+
+  // Held by a task that is about to block for long; nothing outside a
+  // worker of a pool.
+  class Blocking {
+   public:
+    Blocking();
+    ~Blocking();
+    Blocking(const Blocking&) = delete;
+    Blocking& operator=(const Blocking&) = delete;
+
+   private:
+    State* const state_;
+  };
+
+  void enqueue(std::function<void()> task) override {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->tasks.push_back(std::move(task));
+    if (unserved_locked(*state_) == 0) {
+      state_->work_cv.notify_one();
+      return;
+    }
+    if (state_->threads - state_->blocked < std::min(kEagerThreads, state_->max_threads)) {
+      if (spawn_locked(*state_, 1) > 0) return;
+    }
+    if (!state_->monitor_running) {
+      try {
+        std::thread(&WorkerPool::monitor, state_).detach();
+        state_->monitor_running = true;
+      } catch (const std::system_error&) {
+        // Out of threads: the task waits for a busy one to come free.
+      }
+    }
+    state_->monitor_cv.notify_one();
+  }
+
+  // What cpp-httplib's accept loop gets, owns and deletes: the pool itself
+  // is shut down by its owner.
+  class Ref final : public httplib::TaskQueue {
+   public:
+    explicit Ref(WorkerPool& pool) : pool_(pool) {}
+    void enqueue(std::function<void()> task) override { pool_.enqueue(std::move(task)); }
+    void shutdown() override {}
+
+   private:
+    WorkerPool& pool_;
+  };
+
+  // Waits briefly for the workers to exit; any still busy then is stuck in a
+  // generator and left to finish on its own.
+  void shutdown() override {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    if (state_->stopping) return;
+    state_->stopping = true;
+    state_->work_cv.notify_all();
+    state_->monitor_cv.notify_all();
+    state_->exit_cv.wait_for(lock, std::chrono::milliseconds(50),
+                             [&] { return state_->threads == 0 && !state_->monitor_running; });
+  }
+
+ private:
+  static constexpr std::size_t kEagerThreads = 8;
+  // How long queued tasks must make no progress before the monitor adds
+  // threads: longer as the pool grows, so that a loaded machine (where every
+  // task is slow) does not inflate it. Measured: with 1 ms below 16 threads
+  // a ramp of 1,000 streams on 2 busy cores grew the pool to ~200 threads,
+  // all of them idle a moment later.
+  static std::chrono::milliseconds starved_after(std::size_t ready_threads) {
+    return std::chrono::milliseconds(ready_threads < 16 ? 20 : 50);
+  }
+
+  struct State : std::enable_shared_from_this<State> {
+    std::mutex mu;
+    std::condition_variable work_cv, exit_cv, monitor_cv;
+    std::deque<std::function<void()>> tasks;
+    std::size_t threads = 0, idle = 0, max_threads = 1;
+    std::size_t blocked = 0;  // threads inside a Blocking guard
+    std::uint64_t taken = 0;  // tasks dequeued so far: the monitor's progress mark
+    std::chrono::milliseconds idle_exit{10000};
+    bool stopping = false;
+    bool monitor_running = false;
+  };
+
+  // Queued tasks that no idle worker is about to take. Threads started but
+  // not yet running do not count: on a machine saturated by thousands of
+  // generator threads a new thread waits long for its first time slice, and
+  // starting a few too many (they exit after 2 s idle) keeps a ramp of
+  // threaded generators going (3,000 of them: 52 s with, over 60 without).
+  static std::size_t unserved_locked(const State& s) {
+    return s.tasks.size() > s.idle ? s.tasks.size() - s.idle : 0;
+  }
+
+  // Starts up to `count` workers; returns how many it started.
+  static std::size_t spawn_locked(State& s, std::size_t count) {
+    std::size_t started = 0;
+    while (started < count && s.threads < s.max_threads) {
+      try {
+        std::thread(&WorkerPool::work, s.shared_from_this()).detach();
+      } catch (const std::system_error&) {
+        break;
+      }
+      ++s.threads;
+      ++started;
+    }
+    return started;
+  }
+
+  static void monitor(std::shared_ptr<State> s) {
+    name_thread("as-pool");
+    std::unique_lock<std::mutex> lock(s->mu);
+    while (!s->stopping) {
+      const auto starved = [&] { return unserved_locked(*s) > 0; };
+      if (!starved()) {
+        // Like an idle worker, an idle monitor exits; enqueue() starts another.
+        if (!s->monitor_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || starved(); }))
+          break;
+        continue;
+      }
+      const std::uint64_t mark = s->taken;
+      s->monitor_cv.wait_for(lock, starved_after(s->threads - s->blocked),
+                             [&] { return s->stopping; });
+      if (s->stopping || !starved() || s->taken != mark) continue;
+      spawn_locked(*s, unserved_locked(*s));
+    }
+    s->monitor_running = false;
+    s->exit_cv.notify_all();
+  }
+
+  static void work(std::shared_ptr<State> s) {
+    name_thread("as-worker");
+    t_state = s.get();
+    std::unique_lock<std::mutex> lock(s->mu);
+    for (;;) {
+      if (!s->tasks.empty()) {
+        auto task = std::move(s->tasks.front());
+        s->tasks.pop_front();
+        ++s->taken;
+        lock.unlock();
+        try {
+          task();
+        } catch (...) {
+          // A connection's failure must not take the process down.
+        }
+        task = nullptr;
+        lock.lock();
+        continue;
+      }
+      if (s->stopping) break;
+      ++s->idle;
+      const bool woken =
+          s->work_cv.wait_for(lock, s->idle_exit, [&] { return s->stopping || !s->tasks.empty(); });
+      --s->idle;
+      if (!woken) break;
+    }
+    --s->threads;
+    s->exit_cv.notify_all();
+  }
+
+  static inline thread_local State* t_state = nullptr;  // the pool of this worker
+
+  std::shared_ptr<State> state_;
+};
+
+inline WorkerPool::Blocking::Blocking() : state_(t_state) {
+  if (!state_) return;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  ++state_->blocked;
+  spawn_locked(*state_, unserved_locked(*state_));  // its replacement, or more (unserved_locked)
+}
+
+inline WorkerPool::Blocking::~Blocking() {
+  if (!state_) return;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  --state_->blocked;
+}
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/server/core.hpp
+namespace agentsmithy {
+namespace detail {
+
 // ===========================================================================
 // Core: the state a Server shares with every thread it starts
 // ===========================================================================
@@ -2331,11 +2709,9 @@ inline bool StatusFile::error(const std::string& message) {
 // cancellation) hold a shared_ptr to this, so nothing they touch is freed.
 struct Core {
   explicit Core(Options opts)
-      : options(std::move(opts)), hub(options, metrics, [this] { changed(); }) {
-    wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_fd < 0) throw std::system_error(errno, std::generic_category());
-  }
-  ~Core() { ::close(wake_fd); }
+      : options(std::move(opts)),
+        life(options.lame_duck.count() > 0, [this] { changed(); }),
+        hub(options, metrics, [this] { changed(); }) {}
   Core(const Core&) = delete;
   Core& operator=(const Core&) = delete;
 
@@ -2352,34 +2728,35 @@ struct Core {
   // The shutdown starts (the lame duck, if any, then the drain). `cause` is
   // recorded for the report by whoever asks first.
   void request_shutdown(ShutdownReport::Cause cause = ShutdownReport::Cause::shutdown) {
-    // Without a lame duck, requests are refused from this moment, not from
-    // when the listen thread gets to begin_drain().
-    if (options.lame_duck.count() == 0 || forced) draining = true;
-    if (!stopping.exchange(true)) {
-      {
-        std::lock_guard<std::mutex> lock(mu);
+    if (!life.shutdown_requested()) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!report_cause_set) {
+        report_cause_set = true;
         report.cause = cause;
         report.started = std::chrono::system_clock::now();
       }
-      log(LogLevel::info, "shutdown requested");
     }
-    changed();
+    if (life.request_shutdown()) log(LogLevel::info, "shutdown requested");
   }
 
   void request_force() {
-    forced = true;
-    request_shutdown(ShutdownReport::Cause::forced);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!report_cause_set) {
+        report_cause_set = true;
+        report.cause = ShutdownReport::Cause::forced;
+        report.started = std::chrono::system_clock::now();
+      }
+    }
+    if (!life.shutdown_requested()) log(LogLevel::info, "shutdown requested");
+    life.force();
   }
 
   // The drain begins: new chats and host routes get 503, and every idle
-  // keep-alive connection closes.
+  // keep-alive connection closes (the waiting room watches the waker).
   void begin_drain() {
-    draining = true;
-    metrics.state = Lifecycle::draining;
-    // Level-triggered and never drained: every idle keep-alive wait wakes.
-    const std::uint64_t one = 1;
-    const ssize_t w = ::write(wake_fd, &one, sizeof one);
-    (void)w;
+    life.enter(Phase::draining);
+    drain_started.wake();  // level-triggered and never drained: every waiter wakes
   }
 
   bool try_admit() {
@@ -2441,26 +2818,23 @@ struct Core {
     return connection_fds.size();
   }
 
-  enum class State { idle, ready, failed, stopped };
-
   const Options options;
-  std::atomic<bool> stopping{false};  // the shutdown was asked for
-  std::atomic<bool> draining{false};  // ... and the lame duck is over
-  std::atomic<bool> forced{false};
-  std::atomic<std::size_t> refused{0};         // 503s while draining
+  Lifecycle life;                       // see Lifecycle: every reader of the server's state asks it
+  std::atomic<std::size_t> refused{0};  // 503s while draining
   std::atomic<std::size_t> idle_closed{0};     // keep-alive connections closed by the drain
   Metrics metrics;                             // before `hub`, which reports to it
   std::optional<StatusFile> status;            // Options::status_file
+  bool status_stopping_written = false;        // the listen thread's
   ShutdownReport report;                       // guarded by mu
+  bool report_cause_set = false;               // guarded by mu
   std::optional<ShutdownReport> final_report;  // guarded by mu
   std::atomic<std::size_t> admitted{0};
   std::atomic<std::size_t> connections{0};
   std::atomic<int> port{0};
-  int wake_fd = -1;
+  Waker drain_started;  // written once, at the drain; never drained
 
   mutable std::mutex mu;
   std::condition_variable cv;
-  State state = State::idle;                 // guarded by mu
   bool listen_called = false;                // guarded by mu
   std::vector<std::function<void()>> hooks;  // guarded by mu
   struct HostRoute {
@@ -2497,6 +2871,223 @@ struct Core {
   // Last: its destructor reports to changed(), which needs the members above.
   StreamHub hub;
 };
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/connections/waiting_room.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Waiting room: connections between two requests wait in epoll, not a thread
+// ===========================================================================
+
+// A connection that has no request to read yet (just accepted, or idle
+// between two keep-alive requests) waits here, all of them on one thread,
+// instead of holding a worker in poll(): a burst of connects or a hundred
+// idle keep-alive clients costs no thread each. When a connection's bytes
+// arrive (or its peer closes) `resume(fd, served)` hands it back to the
+// worker pool, `served` being how many requests it has already had. A
+// connection that waits longer than read_timeout (for its first request) or
+// keep_alive_timeout (for a later one) is closed here. When the drain starts
+// every idle keep-alive connection is closed at once, and one still waiting
+// for its first request gets at most kFirstRequestGrace more for it to arrive
+// (it deserves its 503), so that a client that says nothing cannot hold up
+// the drain. After stop() a connection offered to park() is closed.
+class WaitingRoom {
+ public:
+  static constexpr std::chrono::milliseconds kFirstRequestGrace{50};
+  using Resume = std::function<void(int fd, std::size_t served)>;
+
+  WaitingRoom(Core& core, Resume resume) : core_(core), resume_(std::move(resume)) {
+    // One-shot: the drain's waker stays readable for good.
+    loop_.watch(core_.drain_started.fd(), EPOLLIN | EPOLLONESHOT,
+                [this](std::uint32_t) { drain_seen_ = true; });
+    thread_ = std::thread([this] {
+      name_thread("as-room");
+      run();
+    });
+  }
+  ~WaitingRoom() { stop(); }
+  WaitingRoom(const WaitingRoom&) = delete;
+  WaitingRoom& operator=(const WaitingRoom&) = delete;
+
+  void park(int fd, std::size_t served) {
+    const Clock::time_point now = Clock::now();
+    std::unique_lock<std::mutex> lock(mu_);
+    const bool first = served == 0;
+    // Decided under the room's lock: a connection admitted here before the
+    // drain is in idle_ when begin_drain_locked() closes them.
+    const Admit admit =
+        admission_decision(core_.life, first ? Arrival::first_request : Arrival::next_request);
+    if (stopped_ || admit == Admit::close) {
+      const bool idle_at_drain = !stopped_;
+      lock.unlock();
+      if (idle_at_drain) ++core_.idle_closed;
+      close_connection(fd);
+      return;
+    }
+    const std::uint32_t gen = ++next_gen_;
+    Clock::time_point deadline =
+        now + (first ? core_.options.read_timeout : core_.options.keep_alive_timeout);
+    if (core_.life.refusing()) deadline = std::min(deadline, now + kFirstRequestGrace);
+    // Watched before the lock is let go: from then on the thread may expire
+    // and close it.
+    EventLoop::Watch* const watch =
+        loop_.watch(fd, EPOLLIN | EPOLLRDHUP | EPOLLONESHOT,
+                    [this, fd, gen](std::uint32_t) { on_ready(fd, gen); });
+    if (!watch) {
+      lock.unlock();
+      close_connection(fd);
+      return;
+    }
+    parked_[fd] = Parked{gen, served, watch};
+    (first ? first_ : idle_).push_back(Deadline{deadline, fd, gen});
+    // The thread sleeps until its next deadline: wake it if this one is sooner.
+    const bool sooner = !next_wake_ || deadline < *next_wake_;
+    if (sooner) next_wake_ = deadline;
+    lock.unlock();
+    if (sooner) loop_.wake();
+  }
+
+  // Closes every connection still waiting; park() closes from now on.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopped_) return;
+      stopped_ = true;
+    }
+    loop_.stop();
+    if (thread_.joinable()) thread_.join();
+    std::vector<int> left;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& entry : parked_) {
+        loop_.unwatch(entry.second.watch);
+        left.push_back(entry.first);
+      }
+      parked_.clear();
+      first_.clear();
+      idle_.clear();
+    }
+    for (const int fd : left) close_connection(fd);
+  }
+
+ private:
+  struct Parked {
+    std::uint32_t gen;
+    std::size_t served;
+    EventLoop::Watch* watch;
+  };
+  struct Deadline {
+    Clock::time_point at;
+    int fd;
+    std::uint32_t gen;
+  };
+
+  void close_connection(int fd) {
+    core_.remove_connection(fd);
+    ::close(fd);
+  }
+
+  // The loop's thread: the connection's bytes (or its peer's close) arrived.
+  void on_ready(int fd, std::uint32_t gen) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::size_t served = 0;
+    if (take_locked(fd, gen, &served)) ready_.emplace_back(fd, served);
+  }
+
+  // Takes `fd` out of the room if `gen` is still its stay; returns whether it was.
+  bool take_locked(int fd, std::uint32_t gen, std::size_t* served) {
+    const auto it = parked_.find(fd);
+    if (it == parked_.end() || it->second.gen != gen) return false;
+    if (served) *served = it->second.served;
+    loop_.unwatch(it->second.watch);
+    parked_.erase(it);
+    return true;
+  }
+
+  // Drops stale entries and collects the expired ones; returns the next
+  // deadline, if any.
+  std::optional<Clock::time_point> expire_locked(Clock::time_point now, std::vector<int>& expired) {
+    std::optional<Clock::time_point> next;
+    for (std::deque<Deadline>* queue : {&first_, &idle_}) {
+      while (!queue->empty()) {
+        const Deadline& d = queue->front();
+        const auto it = parked_.find(d.fd);
+        if (it == parked_.end() || it->second.gen != d.gen) {
+          queue->pop_front();
+          continue;
+        }
+        if (d.at > now) {
+          if (!next || d.at < *next) next = d.at;
+          break;
+        }
+        take_locked(d.fd, d.gen, nullptr);
+        expired.push_back(d.fd);
+        queue->pop_front();
+      }
+    }
+    next_wake_ = next;
+    return next;
+  }
+
+  // The drain's waker: what was admitted before it is decided again.
+  void begin_drain_locked(Clock::time_point now, std::vector<int>& idle) {
+    drain_applied_ = true;
+    for (const Deadline& d : idle_) {
+      if (take_locked(d.fd, d.gen, nullptr)) idle.push_back(d.fd);
+    }
+    idle_.clear();
+    // Deadlines stay ordered: the minimum of an ordered list and a constant.
+    for (Deadline& d : first_) d.at = std::min(d.at, now + kFirstRequestGrace);
+  }
+
+  void run() {
+    std::vector<std::pair<int, std::size_t>> ready;
+    std::vector<int> closing;
+    std::optional<Clock::time_point> next;
+    while (loop_.pass(next)) {
+      ready.clear();
+      closing.clear();
+      std::size_t idle_closed = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopped_) break;
+        const Clock::time_point now = Clock::now();
+        if (drain_seen_ && !drain_applied_) {
+          begin_drain_locked(now, closing);
+          idle_closed = closing.size();
+        }
+        ready.swap(ready_);
+        next = expire_locked(now, closing);
+      }
+      core_.idle_closed += idle_closed;
+      for (const int fd : closing) close_connection(fd);
+      for (const auto& [fd, served] : ready) resume_(fd, served);
+    }
+  }
+
+  Core& core_;
+  const Resume resume_;
+  EventLoop loop_;
+  bool drain_seen_ = false;  // the loop's thread's
+  std::mutex mu_;
+  std::unordered_map<int, Parked> parked_;          // guarded by mu_
+  std::deque<Deadline> first_, idle_;               // guarded by mu_; each ordered by deadline
+  std::vector<std::pair<int, std::size_t>> ready_;  // guarded by mu_: woken, to resume
+  std::uint32_t next_gen_ = 0;                      // guarded by mu_
+  std::optional<Clock::time_point> next_wake_;      // guarded by mu_
+  bool drain_applied_ = false;                      // guarded by mu_
+  bool stopped_ = false;                            // guarded by mu_
+  std::thread thread_;
+};
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/http/security.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // Security checks
@@ -2537,244 +3128,99 @@ inline bool constant_time_equal(std::string_view given, std::string_view secret)
   return diff == 0;
 }
 
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/http/httplib_adapter.hpp
+namespace agentsmithy {
+namespace detail {
+
 // ===========================================================================
-// Waiting room: connections between two requests wait in epoll, not a thread
+// The adapter to cpp-httplib: the one part that uses its internals
 // ===========================================================================
 
-// A connection that has no request to read yet (just accepted, or idle
-// between two keep-alive requests) waits here, all of them on one thread,
-// instead of holding a worker in poll(): a burst of connects or a hundred
-// idle keep-alive clients costs no thread each. When a connection's bytes
-// arrive (or its peer closes) `resume(fd, served)` hands it back to the
-// worker pool, `served` being how many requests it has already had. A
-// connection that waits longer than read_timeout (for its first request) or
-// keep_alive_timeout (for a later one) is closed here. When the drain starts
-// every idle keep-alive connection is closed at once, and one still waiting
-// for its first request gets at most kFirstRequestGrace more for it to arrive
-// (it deserves its 503), so that a client that says nothing cannot hold up
-// the drain. After stop() a connection offered to park() is closed.
-class WaitingRoom {
+// cpp-httplib parses requests and routes them; the connections are ours.
+// To own them this part uses three of cpp-httplib's internals, whose shape
+// changed after 0.11 (0.12 and later differ in process_request's signature
+// and the Stream interface):
+//   - Server::process_and_close_socket(socket_t), a private virtual: every
+//     accepted connection comes to HttplibServer::on_connection instead;
+//   - Server::process_request(Stream&, bool, bool&, setup), protected: reads
+//     and answers one request from our SocketStream;
+//   - Server::svr_sock_, protected: the listening socket, for SOMAXCONN and
+//     for stopping the accept loop without closing it.
+// Hence the check below: another version is a clear error here, not an
+// unrelated one deep in this part.
+constexpr bool httplib_version_supported(const char* v) {
+  return v[0] == '0' && v[1] == '.' && v[2] == '1' && v[3] == '1' && v[4] == '.';
+}
+static_assert(httplib_version_supported(CPPHTTPLIB_VERSION),
+              "agentsmithy supports cpp-httplib 0.11.x only (tested with 0.11.4, Debian 12's "
+              "libcpp-httplib-dev): its HTTP front end overrides Server::process_and_close_socket "
+              "and calls Server::process_request, internals that changed in later releases");
+
+// cpp-httplib's Server, with the accepted connections and the request
+// reading handed to us. Everything else uses its public API.
+class HttplibServer : public httplib::Server {
  public:
-  static constexpr std::chrono::milliseconds kFirstRequestGrace{50};
-  using Resume = std::function<void(int fd, std::size_t served)>;
-
-  WaitingRoom(Core& core, Resume resume) : core_(core), resume_(std::move(resume)) {
-    epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
-    stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (epoll_fd_ < 0 || stop_fd_ < 0) {
+  // The bound port, or -1 with the reason in `why`: `port` 0 picks a free
+  // one; else `port`, `port`+1, ... up to `attempts` ports.
+  int bind_port(const std::string& host, int port, int attempts, std::string& why) {
+    int bound = -1;
+    if (port == 0) {
+      errno = 0;
+      bound = bind_to_any_port(host);
+      if (bound < 0) why = errno != 0 ? std::strerror(errno) : "address not available";
+    }
+    const int tries = port == 0 ? 0 : std::max(1, attempts);
+    for (int i = 0; i < tries && bound < 0 && port + i <= 65535; ++i) {
+      errno = 0;
+      if (bind_to_port(host, port + i)) {
+        bound = port + i;
+        break;
+      }
       const int err = errno;
-      close_fds();
-      throw std::system_error(err, std::generic_category(), "waiting room");
+      if (i == 0) why = err != 0 ? std::strerror(err) : "address not available";
+      if (err != EADDRINUSE) break;  // another port would not help
     }
-    watch(stop_fd_, kStopTag, EPOLLIN);
-    // One-shot: the drain's wake_fd stays readable for good.
-    watch(core_.wake_fd, kDrainTag, EPOLLIN | EPOLLONESHOT);
-    thread_ = std::thread([this] {
-      name_thread("as-room");
-      run();
-    });
+    if (bound < 0) {
+      if (tries > 1) why += " (and the next " + std::to_string(tries - 1) + " ports)";
+      return -1;
+    }
+    listen_fd_ = svr_sock_;
+    // The library listens with a backlog of 5: a burst of clients (say,
+    // reconnecting after a restart) would lose handshakes to retry timers.
+    ::listen(listen_fd_, SOMAXCONN);
+    return bound;
   }
-  ~WaitingRoom() {
-    stop();
-    close_fds();
+  // Makes listen_after_bind() return; the socket is closed by close_listener().
+  void stop_accepting() {
+    const socket_t sock = svr_sock_.exchange(INVALID_SOCKET);
+    if (sock != INVALID_SOCKET) ::shutdown(sock, SHUT_RDWR);  // wakes accept()
   }
-  WaitingRoom(const WaitingRoom&) = delete;
-  WaitingRoom& operator=(const WaitingRoom&) = delete;
-
-  void park(int fd, std::size_t served) {
-    const Clock::time_point now = Clock::now();
-    std::unique_lock<std::mutex> lock(mu_);
-    const bool first = served == 0;
-    if (stopped_ || (draining_ && !first)) {
-      const bool idle_at_drain = !stopped_;
-      lock.unlock();
-      if (idle_at_drain) ++core_.idle_closed;
-      close_connection(fd);
-      return;
-    }
-    const std::uint32_t gen = ++next_gen_;
-    Clock::time_point deadline =
-        now + (first ? core_.options.read_timeout : core_.options.keep_alive_timeout);
-    if (draining_) deadline = std::min(deadline, now + kFirstRequestGrace);
-    // Watched before the lock is let go: from then on the thread may expire
-    // and close it.
-    if (!watch(fd, tag(fd, gen), EPOLLIN | EPOLLRDHUP | EPOLLONESHOT)) {
-      lock.unlock();
-      close_connection(fd);
-      return;
-    }
-    parked_[fd] = Parked{gen, served};
-    (first ? first_ : idle_).push_back(Deadline{deadline, fd, gen});
-    // The thread sleeps until its next deadline: wake it if this one is sooner.
-    const bool sooner = !next_wake_ || deadline < *next_wake_;
-    if (sooner) next_wake_ = deadline;
-    lock.unlock();
-    if (sooner) poke();
+  void close_listener() {
+    // listen_after_bind() closes the socket itself when accept() fails, and
+    // then leaves svr_sock_ set; after stop_accepting() it never does.
+    if (listen_fd_ >= 0 && svr_sock_ == INVALID_SOCKET) ::close(listen_fd_);
+    listen_fd_ = -1;
   }
 
-  // Closes every connection still waiting; park() closes from now on.
-  void stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (stopped_) return;
-      stopped_ = true;
-    }
-    const std::uint64_t one = 1;
-    const ssize_t w = ::write(stop_fd_, &one, sizeof one);
-    (void)w;
-    if (thread_.joinable()) thread_.join();
-    std::vector<int> left;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (const auto& entry : parked_) left.push_back(entry.first);
-      parked_.clear();
-      first_.clear();
-      idle_.clear();
-    }
-    for (const int fd : left) close_connection(fd);
+ protected:
+  // A connection accepted by the library's accept loop, on a thread of its
+  // task queue; the callee owns `sock`.
+  virtual void on_connection(int sock) = 0;
+  // Reads one request from `stream` and answers it through the routes.
+  // `client_closes`: the client asked to close after it.
+  bool read_and_answer(httplib::Stream& stream, bool close_after, bool& client_closes) {
+    return process_request(stream, close_after, client_closes, nullptr);
   }
 
  private:
-  struct Parked {
-    std::uint32_t gen;
-    std::size_t served;
-  };
-  struct Deadline {
-    Clock::time_point at;
-    int fd;
-    std::uint32_t gen;
-  };
-  static constexpr std::uint64_t kStopTag = ~std::uint64_t{0};
-  static constexpr std::uint64_t kDrainTag = kStopTag - 1;
-  static std::uint64_t tag(int fd, std::uint32_t gen) {
-    return (std::uint64_t{gen} << 32) | static_cast<std::uint32_t>(fd);
-  }
-
-  bool watch(int fd, std::uint64_t data, std::uint32_t events) {
-    epoll_event ev{};
-    ev.events = events;
-    ev.data.u64 = data;
-    return ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) == 0;
-  }
-  // Wakes the thread to recompute its timeout.
-  void poke() {
-    const std::uint64_t one = 1;
-    const ssize_t w = ::write(stop_fd_, &one, sizeof one);
-    (void)w;
-  }
-  void close_fds() {
-    if (epoll_fd_ >= 0) ::close(epoll_fd_);
-    if (stop_fd_ >= 0) ::close(stop_fd_);
-    epoll_fd_ = stop_fd_ = -1;
-  }
-  void close_connection(int fd) {
-    core_.remove_connection(fd);
-    ::close(fd);
-  }
-
-  // Takes `fd` out of the room if `gen` is still its stay; returns whether it was.
-  bool take_locked(int fd, std::uint32_t gen, std::size_t* served) {
-    const auto it = parked_.find(fd);
-    if (it == parked_.end() || it->second.gen != gen) return false;
-    if (served) *served = it->second.served;
-    parked_.erase(it);
-    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+  bool process_and_close_socket(socket_t sock) final {
+    on_connection(sock);
     return true;
   }
-
-  // Drops stale entries and collects the expired ones; returns the wait until
-  // the next deadline (-1: none).
-  int expire_locked(Clock::time_point now, std::vector<int>& expired) {
-    std::optional<Clock::time_point> next;
-    for (std::deque<Deadline>* queue : {&first_, &idle_}) {
-      while (!queue->empty()) {
-        const Deadline& d = queue->front();
-        const auto it = parked_.find(d.fd);
-        if (it == parked_.end() || it->second.gen != d.gen) {
-          queue->pop_front();
-          continue;
-        }
-        if (d.at > now) {
-          if (!next || d.at < *next) next = d.at;
-          break;
-        }
-        take_locked(d.fd, d.gen, nullptr);
-        expired.push_back(d.fd);
-        queue->pop_front();
-      }
-    }
-    next_wake_ = next;
-    if (!next) return -1;
-    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(*next - now).count();
-    return static_cast<int>(std::min<long long>(wait, 60000));
-  }
-
-  void begin_drain_locked(Clock::time_point now, std::vector<int>& idle) {
-    draining_ = true;
-    for (const Deadline& d : idle_) {
-      if (take_locked(d.fd, d.gen, nullptr)) idle.push_back(d.fd);
-    }
-    idle_.clear();
-    // Deadlines stay ordered: the minimum of an ordered list and a constant.
-    for (Deadline& d : first_) d.at = std::min(d.at, now + kFirstRequestGrace);
-  }
-
-  void run() {
-    epoll_event events[256];
-    std::vector<std::pair<int, std::size_t>> ready;
-    std::vector<int> closing;
-    int timeout = -1;
-    for (;;) {
-      const int n = ::epoll_wait(epoll_fd_, events, 256, timeout);
-      if (n < 0 && errno != EINTR) break;
-      ready.clear();
-      closing.clear();
-      std::size_t idle_closed = 0;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (stopped_) break;
-        const Clock::time_point now = Clock::now();
-        for (int i = 0; i < n; ++i) {
-          const std::uint64_t data = events[i].data.u64;
-          if (data == kStopTag) {
-            std::uint64_t drained;
-            const ssize_t r = ::read(stop_fd_, &drained, sizeof drained);
-            (void)r;
-          } else if (data == kDrainTag) {
-            const std::size_t before = closing.size();
-            begin_drain_locked(now, closing);
-            idle_closed += closing.size() - before;
-          } else {
-            const int fd = static_cast<int>(data & 0xffffffffu);
-            std::size_t served = 0;
-            if (take_locked(fd, static_cast<std::uint32_t>(data >> 32), &served))
-              ready.emplace_back(fd, served);
-          }
-        }
-        timeout = expire_locked(now, closing);
-      }
-      core_.idle_closed += idle_closed;
-      for (const int fd : closing) close_connection(fd);
-      for (const auto& [fd, served] : ready) resume_(fd, served);
-    }
-  }
-
-  Core& core_;
-  const Resume resume_;
-  int epoll_fd_ = -1, stop_fd_ = -1;
-  std::mutex mu_;
-  std::unordered_map<int, Parked> parked_;      // guarded by mu_
-  std::deque<Deadline> first_, idle_;           // guarded by mu_; each ordered by deadline
-  std::uint32_t next_gen_ = 0;                  // guarded by mu_
-  std::optional<Clock::time_point> next_wake_;  // guarded by mu_
-  bool draining_ = false;                       // guarded by mu_
-  bool stopped_ = false;                        // guarded by mu_
-  std::thread thread_;
+  int listen_fd_ = -1;
 };
-
-// ===========================================================================
-// HTTP front end: cpp-httplib parses requests; we own the connections
-// ===========================================================================
 
 // A connection's socket as cpp-httplib's request parser sees it. Reads are
 // buffered (the parser asks for one byte at a time) and bounded by the read
@@ -2912,6 +3358,16 @@ class SocketStream final : public httplib::Stream {
   char last_ = 0;
 };
 
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/http/frontend.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// HTTP front end: cpp-httplib parses requests; we own the connections
+// ===========================================================================
+
 // Holds one of max_streams slots until the chat request's generator returns.
 class Admission {
  public:
@@ -2946,6 +3402,15 @@ struct Connection {
 };
 inline thread_local Connection* t_connection = nullptr;
 
+// Every 503 (draining, at capacity) tells a client or a balancer when to retry.
+inline constexpr const char* kRetryAfterSeconds = "1";
+
+// The CORS headers of an answer to an allowed Origin: every response, and a
+// stream's head, which we write ourselves.
+inline std::vector<std::pair<const char*, std::string>> cors_headers(const std::string& origin) {
+  return {{"Access-Control-Allow-Origin", origin}, {"Vary", "Origin"}};
+}
+
 inline const char* reason_phrase(int status) {
   switch (status) {
     case 200: return "OK";
@@ -2955,15 +3420,12 @@ inline const char* reason_phrase(int status) {
   }
 }
 
-class HttpFrontend final : public httplib::Server {
+class HttpFrontend final : public HttplibServer {
  public:
   explicit HttpFrontend(std::shared_ptr<Core> core);
 
   // The bound port, or -1 with the reason in `why`.
   int bind(std::string& why);
-  // Makes listen_after_bind() return; the socket is closed by close_listener.
-  void stop_accepting();
-  void close_listener();
   // Stops the waiting room (closing what still waits in it), then the pool.
   void stop_workers();
 
@@ -2971,7 +3433,7 @@ class HttpFrontend final : public httplib::Server {
   static constexpr std::size_t kMaxRequestsPerConnection = 100;
   enum class Next { read, park, close };
 
-  bool process_and_close_socket(socket_t sock) override;
+  void on_connection(int sock) override;
   // Serves `sock` on this worker while requests are ready; `served`: how
   // many it already had.
   void serve(int sock, std::size_t served);
@@ -2987,6 +3449,9 @@ class HttpFrontend final : public httplib::Server {
   std::string route_label(const httplib::Request& req) const;
   static void close_after_response(httplib::Response& res);
   void respond_shutting_down(httplib::Response& res);
+  // The admission decision for a chat or a host route: true when it was
+  // refused (503), counted under `outcome` if given.
+  bool refuse_while_draining(httplib::Response& res, std::optional<Outcome> outcome = {});
 
   static void produce(const std::shared_ptr<Core>& core, const ChatJob& job,
                       const std::shared_ptr<Channel>& ch);
@@ -2995,7 +3460,6 @@ class HttpFrontend final : public httplib::Server {
 
   std::shared_ptr<Core> core_;
   std::vector<std::pair<std::string, std::regex>> host_paths_;  // for route labels
-  int listen_fd_ = -1;
   WorkerPool pool_;
   WaitingRoom room_;  // after pool_, which it feeds
 };
@@ -3047,8 +3511,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
       [this](const httplib::Request& req, httplib::Response& res) { return guard(req, res); });
   set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (const auto origin = allowed_origin(req)) {
-      res.set_header("Access-Control-Allow-Origin", *origin);
-      res.set_header("Vary", "Origin");
+      for (const auto& [name, value] : cors_headers(*origin)) res.set_header(name, value);
     }
   });
   // Called once a request is answered (a stream: once its head is due).
@@ -3072,7 +3535,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
     host_paths_.emplace_back(r.path, std::regex(r.path));
     auto handler = [this, h = std::move(r.handler)](const httplib::Request& req,
                                                     httplib::Response& res) {
-      if (core_->draining) return respond_shutting_down(res);
+      if (refuse_while_draining(res)) return;
       h(req, res);
     };
     if (r.method == "GET") Get(r.path, std::move(handler));
@@ -3095,44 +3558,7 @@ inline std::string HttpFrontend::route_label(const httplib::Request& req) const 
 
 inline int HttpFrontend::bind(std::string& why) {
   const agentsmithy::Options& o = core_->options;
-  int port = -1;
-  if (o.port == 0) {
-    errno = 0;
-    port = bind_to_any_port(o.host);
-    if (port < 0) why = errno != 0 ? std::strerror(errno) : "address not available";
-  }
-  const int attempts = o.port == 0 ? 0 : std::max(1, o.port_attempts);
-  for (int i = 0; i < attempts && port < 0 && o.port + i <= 65535; ++i) {
-    errno = 0;
-    if (bind_to_port(o.host, o.port + i)) {
-      port = o.port + i;
-      break;
-    }
-    const int err = errno;
-    if (i == 0) why = err != 0 ? std::strerror(err) : "address not available";
-    if (err != EADDRINUSE) break;  // another port would not help
-  }
-  if (port < 0) {
-    if (attempts > 1) why += " (and the next " + std::to_string(attempts - 1) + " ports)";
-    return -1;
-  }
-  listen_fd_ = svr_sock_;
-  // The library listens with a backlog of 5: a burst of clients (say,
-  // reconnecting after a restart) would lose handshakes to retry timers.
-  ::listen(listen_fd_, SOMAXCONN);
-  return port;
-}
-
-inline void HttpFrontend::stop_accepting() {
-  const socket_t sock = svr_sock_.exchange(INVALID_SOCKET);
-  if (sock != INVALID_SOCKET) ::shutdown(sock, SHUT_RDWR);  // wakes accept()
-}
-
-inline void HttpFrontend::close_listener() {
-  // listen_after_bind() closes the socket itself when accept() fails, and
-  // then leaves svr_sock_ set; after stop_accepting() it never does.
-  if (listen_fd_ >= 0 && svr_sock_ == INVALID_SOCKET) ::close(listen_fd_);
-  listen_fd_ = -1;
+  return bind_port(o.host, o.port, o.port_attempts, why);
 }
 
 inline void HttpFrontend::stop_workers() {
@@ -3153,19 +3579,18 @@ inline HttpFrontend::Next HttpFrontend::next_request(const SocketStream& stream,
   } while (n < 0 && errno == EINTR);
   if (n > 0) return Next::read;
   if (n < 0) return Next::close;
-  if (!first && core_->draining) {
-    ++core_->idle_closed;  // on shutdown an idle keep-alive connection closes at once
+  if (!first && admission_decision(core_->life, Arrival::next_request) == Admit::close) {
+    ++core_->idle_closed;
     return Next::close;
   }
   return Next::park;
 }
 
-inline bool HttpFrontend::process_and_close_socket(socket_t sock) {
+inline void HttpFrontend::on_connection(int sock) {
   core_->add_connection(sock);
   const int one = 1;
   ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   serve(sock, 0);
-  return true;
 }
 
 inline void HttpFrontend::serve(int sock, std::size_t served) {
@@ -3180,9 +3605,9 @@ inline void HttpFrontend::serve(int sock, std::size_t served) {
     next = next_request(stream, served == 0);
     if (next != Next::read) break;
     stream.begin_request();
-    conn.close_announced = core->draining || served + 1 == kMaxRequestsPerConnection;
+    conn.close_announced = core->life.refusing() || served + 1 == kMaxRequestsPerConnection;
     bool client_closes = false;
-    const bool ok = process_request(stream, conn.close_announced, client_closes, nullptr);
+    const bool ok = read_and_answer(stream, conn.close_announced, client_closes);
     next = Next::close;
     if (conn.chat || !ok || client_closes || conn.close_announced || conn.close_after ||
         stream.failed()) {
@@ -3211,9 +3636,17 @@ inline void HttpFrontend::close_after_response(httplib::Response& res) {
 inline void HttpFrontend::respond_shutting_down(httplib::Response& res) {
   ++core_->refused;
   res.status = 503;
-  res.set_header("Retry-After", "1");
+  res.set_header("Retry-After", kRetryAfterSeconds);
   close_after_response(res);
   res.set_content(error_body(kShutdownMessage, "shutdown"), "application/json");
+}
+
+inline bool HttpFrontend::refuse_while_draining(httplib::Response& res,
+                                                std::optional<Outcome> outcome) {
+  if (admission_decision(core_->life, Arrival::request) != Admit::refuse_503) return false;
+  if (outcome) core_->metrics.count_end(*outcome);
+  respond_shutting_down(res);
+  return true;
 }
 
 inline std::optional<std::string> HttpFrontend::allowed_origin(const httplib::Request& req) const {
@@ -3271,10 +3704,7 @@ inline httplib::Server::HandlerResponse HttpFrontend::guard(const httplib::Reque
 }
 
 inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Response& res) {
-  if (core_->draining) {
-    core_->metrics.count_end(Outcome::rejected_stopping);
-    return respond_shutting_down(res);
-  }
+  if (refuse_while_draining(res, Outcome::rejected_stopping)) return;
   ChatRequest request;
   if (const auto error = parse_chat_request(req.body, request)) {
     res.status = error->status;
@@ -3288,10 +3718,7 @@ inline void HttpFrontend::handle_chat(const httplib::Request& req, httplib::Resp
 // answers for {"messages":[{"role":"user","content":TEXT}],"stream":true},
 // for EventSource, with an `id:` line per event.
 inline void HttpFrontend::handle_chat_get(const httplib::Request& req, httplib::Response& res) {
-  if (core_->draining) {
-    core_->metrics.count_end(Outcome::rejected_stopping);
-    return respond_shutting_down(res);
-  }
+  if (refuse_while_draining(res, Outcome::rejected_stopping)) return;
   // An EventSource reconnecting after its stream ended: 204 tells it to stop,
   // and the answer is never generated twice.
   if (req.has_header("Last-Event-ID")) {
@@ -3344,7 +3771,7 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
     core.log(LogLevel::warning, "at capacity (" + std::to_string(core.options.max_streams) +
                                     " streams): answering 503");
     res.status = 503;
-    res.set_header("Retry-After", "1");
+    res.set_header("Retry-After", kRetryAfterSeconds);
     res.set_content(error_body("Too many concurrent streams (max " +
                                    std::to_string(core.options.max_streams) + ")",
                                "capacity"),
@@ -3356,7 +3783,9 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
   t_connection->stream->set_muted(true);
   std::string extra_headers;
   if (const auto origin = allowed_origin(req)) {
-    extra_headers = "Access-Control-Allow-Origin: " + *origin + "\r\nVary: Origin\r\n";
+    for (const auto& [name, value] : cors_headers(*origin)) {
+      extra_headers += std::string(name) + ": " + value + "\r\n";
+    }
   }
   if (format.event_ids) extra_headers += "Referrer-Policy: no-referrer\r\n";
   t_connection->chat.emplace(ChatJob{std::move(request), core.current_producer(),
@@ -3365,7 +3794,7 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
 
 inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
   const Core& core = *core_;
-  const bool stopping = core.stopping;
+  const bool stopping = core.life.shutdown_requested();
   const auto& errors = core.options.config_errors;
   const json body = {{"status", "ok"},
                      {"service", "agentsmithy-server"},
@@ -3381,7 +3810,8 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
 }
 
 inline void HttpFrontend::handle_metrics(const httplib::Request&, httplib::Response& res) {
-  res.set_content(core_->metrics.render(core_->hub.active()), "text/plain; version=0.0.4");
+  res.set_content(core_->metrics.render(core_->hub.active(), core_->life.phase()),
+                  "text/plain; version=0.0.4");
 }
 
 // Runs the producer for one chat request: a generator on this thread until it
@@ -3469,10 +3899,741 @@ inline void HttpFrontend::run_collect(const std::shared_ptr<Core>& core, SocketS
       "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
       "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
       "\r\nConnection: close\r\n" + job.extra_headers;
-  if (status == 503) response += "Retry-After: 1\r\n";
+  if (status == 503) response += std::string("Retry-After: ") + kRetryAfterSeconds + "\r\n";
   response += "\r\n" + body;
   stream.write(response.data(), response.size());
 }
+
+}  // namespace detail
+}  // namespace agentsmithy
+
+// The public API's definitions: the stream writer, the server and its
+// shutdown sequence, the signal hook.
+// ---- include/agentsmithy/streams/stream_writer.hpp
+namespace agentsmithy {
+
+// ===========================================================================
+// Definitions: stream writer, demo generator, chat service, server
+// ===========================================================================
+
+inline StreamWriter::StreamWriter(std::shared_ptr<detail::Core> core,
+                                  std::shared_ptr<detail::Channel> channel)
+    : core_(std::move(core)), channel_(std::move(channel)) {}
+
+inline StreamWriter::~StreamWriter() { end(); }
+
+inline bool StreamWriter::send(const nlohmann::json& event) {
+  return core_->hub.send(*channel_, &event, 1);
+}
+
+inline bool StreamWriter::send_batch(const std::vector<nlohmann::json>& events) {
+  if (events.empty()) return !cancelled();
+  return core_->hub.send(*channel_, events.data(), events.size());
+}
+
+inline bool StreamWriter::chat(std::string_view text) {
+  return send(nlohmann::json{{"type", "chat"}, {"content", std::string(text)}});
+}
+
+inline void StreamWriter::end() { core_->hub.finish(*channel_, std::nullopt); }
+
+inline bool StreamWriter::cancelled() const { return channel_->cancelled.load(); }
+
+inline std::size_t StreamWriter::buffered() const {
+  std::lock_guard<std::mutex> lock(channel_->mu);
+  return channel_->unsent();
+}
+
+inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) {
+  return core_->hub.wait(*channel_, d);
+}
+
+inline void StreamWriter::on_cancel(std::function<void()> callback) {
+  core_->hub.on_cancel(*channel_, std::move(callback));
+}
+
+inline const std::string& StreamWriter::dialog_id() const { return channel_->dialog_id; }
+
+}  // namespace agentsmithy
+// ---- include/agentsmithy/server/server.hpp
+namespace agentsmithy {
+
+inline void ChatService::set_generator(Generator generator) {
+  core_.set_producer({std::move(generator), nullptr});
+}
+
+inline void ChatService::set_stream_handler(StreamHandler handler) {
+  core_.set_producer({nullptr, std::move(handler)});
+}
+
+inline std::size_t ChatService::active_streams() const { return core_.hub.active(); }
+
+inline bool ChatService::is_shutting_down() const { return core_.life.shutdown_requested(); }
+
+inline std::optional<ShutdownReport> Server::shutdown_report() const {
+  std::lock_guard<std::mutex> lock(core_->mu);
+  return core_->final_report;
+}
+
+inline Server::Server(Options options)
+    : core_(std::make_shared<detail::Core>(std::move(options))), chat_service_(*core_) {}
+
+inline Server::~Server() {
+  std::unique_lock<std::mutex> lock(core_->mu);
+  if (!core_->listen_called || core_->life.over()) return;
+  lock.unlock();
+  core_->request_shutdown();
+  lock.lock();
+  core_->cv.wait(lock, [&] { return core_->life.over(); });
+}
+
+inline const Options& Server::options() const { return core_->options; }
+
+namespace detail {
+
+// Linux 6.16+ gives a process a private futex hash sized from the CPU count
+// (16 slots on 2 cores), whatever its thread count; with thousands of
+// generator threads waiting on condition variables every wake then walks
+// long chains. Grow it to fit the threads we may run. Best effort: older
+// kernels refuse and keep their global hash.
+inline void size_futex_hash(std::size_t threads) {
+  constexpr int kFutexHash = 78, kSetSlots = 1, kGetSlots = 2;  // PR_FUTEX_HASH
+  unsigned long slots = 16;
+  while (slots < threads && slots < (1ul << 16)) slots <<= 1;
+  const int current = ::prctl(kFutexHash, kGetSlots, 0, 0, 0);
+  if (current >= 0 && static_cast<unsigned long>(current) < slots) {
+    ::prctl(kFutexHash, kSetSlots, slots, 0, 0);
+  }
+}
+
+// The report as one JSON object, durations in milliseconds.
+inline nlohmann::json report_json(const ShutdownReport& r) {
+  const char* cause = r.cause == ShutdownReport::Cause::signal   ? "signal"
+                      : r.cause == ShutdownReport::Cause::forced ? "forced"
+                                                                 : "shutdown";
+  return {{"started_at", format_utc(r.started, 0, "Z")},
+          {"cause", cause},
+          {"forced", r.forced},
+          {"lame_duck_ms", r.lame_duck.count()},
+          {"drain_ms", r.drain.count()},
+          {"last_done_ms", r.last_done.count()},
+          {"streams_notified", r.streams_notified},
+          {"streams_ended_in_grace", r.streams_ended_in_grace},
+          {"streams_cut", r.streams_cut},
+          {"clients_gone", r.clients_gone},
+          {"generators_running", r.generators_running},
+          {"idle_connections_closed", r.idle_connections_closed},
+          {"requests_refused", r.requests_refused}};
+}
+
+// ---------------------------------------------------------------------------
+// The shutdown sequence: README "Shutdown sequence", one function a step
+// ---------------------------------------------------------------------------
+
+// Runs on the listen thread once listen() has started serving, in the
+// README's order. Each step is one named function below; Server::listen()
+// calls them in turn.
+class ShutdownSequence {
+ public:
+  ShutdownSequence(Core& core, HttpFrontend& http, std::thread& acceptor)
+      : core_(core), http_(http), acceptor_(acceptor), o_(core.options) {}
+
+  // Waits until shutdown() or a signal asks for it (at once if one did before
+  // listen()).
+  void wait_for_request() {
+    wait_for([&] { return core_.life.shutdown_requested(); }, std::nullopt);
+    started_ = Clock::now();
+    std::lock_guard<std::mutex> lock(core_.mu);
+    report_ = core_.report;
+  }
+
+  // 1. /health answers 503 "stopping"; with a lame duck everything else is
+  // served as before for that long (a second signal cuts it short).
+  void lame_duck() {
+    if (o_.lame_duck.count() > 0 && !core_.life.forced()) {
+      core_.life.enter(Phase::lame_duck);
+      core_.log(LogLevel::info, "lame duck for " + std::to_string(o_.lame_duck.count()) +
+                                    " ms: /health answers 503, streams go on");
+      wait_for([&] { return core_.life.forced(); }, started_ + o_.lame_duck);
+    }
+    report_.lame_duck = since(started_);
+  }
+
+  // 2. The drain begins: new chats and host routes get 503 (see
+  // admission_decision), idle keep-alive connections close at once, a
+  // connection still without its first request gets kFirstRequestGrace.
+  void begin_drain() {
+    drain_started_ = Clock::now();
+    const std::size_t admitted = core_.admitted.load(), active = core_.hub.active();
+    report_.clients_gone = admitted > active ? admitted - active : 0;
+    core_.begin_drain();
+  }
+
+  // 3. Every open stream ends: it is cancelled, generator threads drop to the
+  // idle scheduling class, the on_cancel callbacks run, then one thread
+  // writes every stream's shutdown error + done + last chunk
+  // (StreamHub::write_shutdown_tails) and only then closes the sockets.
+  void end_every_stream() {
+    const auto cancelled = core_.hub.cancel_all_for_shutdown();
+    // Producers only have to notice and return now; thousands of them
+    // runnable (each callback below may wake one) would share the CPU equally
+    // with the thread running the callbacks and writing every final event.
+    core_.demote_generator_threads();
+    core_.hub.run_cancel_callbacks(cancelled);
+    notified_ = core_.hub.write_shutdown_tails(cancelled);
+    report_.last_done = since(started_);
+    core_.log(LogLevel::info,
+              std::to_string(notified_) + (notified_ == 1 ? " stream" : " streams") + " notified");
+  }
+
+  // 4. Waits up to grace_period for the streams, their producers and open
+  // requests; then closes whatever is left.
+  void wait_for_drain() {
+    bool drained = wait_for([&] { return core_.life.forced() || core_.drained(); },
+                            drain_started_ + o_.grace_period);
+    drained = drained && !core_.life.forced();
+    const std::size_t still_running = std::min(core_.admitted.load(), notified_);
+    report_.streams_notified = notified_;
+    report_.streams_ended_in_grace = notified_ - still_running;
+    if (drained) {
+      core_.log(LogLevel::info, "drained in " + std::to_string(elapsed_ms(drain_started_)) + " ms");
+    } else {
+      const std::size_t generators = core_.admitted.load();
+      report_.streams_cut = core_.hub.close_all() + core_.shut_down_connections();
+      core_.log(LogLevel::warning,
+                std::string(core_.life.forced() ? "forced" : "grace period over") + " after " +
+                    std::to_string(elapsed_ms(drain_started_)) + " ms: closed " +
+                    std::to_string(report_.streams_cut) + " connections; " +
+                    std::to_string(generators) +
+                    " generators still running are left to finish on their own");
+    }
+    report_.forced = core_.life.forced();
+    report_.drain = since(drain_started_);
+  }
+
+  // 5. Stops serving: the accept loop, the listening socket, the waiting
+  // room and the worker pool, the stream hub.
+  void stop_serving() {
+    http_.stop_accepting();
+    acceptor_.join();
+    http_.close_listener();
+    http_.stop_workers();
+    core_.hub.close_all();
+    core_.hub.stop();
+  }
+
+  // 6. The on_shutdown hooks, in order; one that throws is logged.
+  void run_hooks() {
+    std::vector<std::function<void()>> hooks;
+    {
+      std::lock_guard<std::mutex> lock(core_.mu);
+      hooks = core_.hooks;
+    }
+    for (std::size_t i = 0; i < hooks.size(); ++i) {
+      try {
+        hooks[i]();
+      } catch (const std::exception& e) {
+        core_.log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw: " + e.what());
+      } catch (...) {
+        core_.log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw");
+      }
+    }
+  }
+
+  // 7. The report: logged as one record, kept for Server::shutdown_report(),
+  // counted in /metrics; then the server is stopped.
+  void report() {
+    report_.generators_running = core_.admitted.load();
+    report_.idle_connections_closed = core_.idle_closed.load();
+    report_.requests_refused = core_.refused.load();
+    core_.metrics.count_drain(report_.drain, report_.streams_notified, report_.streams_cut);
+    core_.log(LogLevel::info, "shutdown report " + report_json(report_).dump());
+    {
+      std::lock_guard<std::mutex> lock(core_.mu);
+      core_.final_report = report_;
+    }
+    core_.log(LogLevel::info, "stopped");
+    core_.life.enter(Phase::stopped);
+  }
+
+ private:
+  template <class Pred>
+  bool wait_for(Pred pred, std::optional<Clock::time_point> until) {
+    std::unique_lock<std::mutex> lock(core_.mu);
+    if (!until) {
+      core_.cv.wait(lock, pred);
+      return true;
+    }
+    return core_.cv.wait_until(lock, *until, pred);
+  }
+  static std::chrono::milliseconds since(Clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t);
+  }
+
+  Core& core_;
+  HttpFrontend& http_;
+  std::thread& acceptor_;
+  const Options& o_;
+  ShutdownReport report_;
+  Clock::time_point started_, drain_started_;
+  std::size_t notified_ = 0;
+};
+
+// status.json follows the lifecycle (Options::status_file).
+inline void write_status_on_transition(Core& core) {
+  core.life.observe([&core](Phase phase, const std::string& why) {
+    StatusFile& status = *core.status;
+    switch (phase) {
+      case Phase::ready: status.ready(core.port.load()); break;
+      case Phase::lame_duck:
+      case Phase::draining:
+        if (!core.status_stopping_written) status.stopping();
+        core.status_stopping_written = true;
+        break;
+      case Phase::stopped: status.stopped(); break;
+      case Phase::failed: status.error(why); break;
+      case Phase::starting: break;
+    }
+  });
+}
+
+}  // namespace detail
+
+inline bool Server::listen() {
+  using detail::Phase;
+  const std::shared_ptr<detail::Core> core = core_;
+  const Options& o = core->options;
+  {
+    std::lock_guard<std::mutex> lock(core->mu);
+    if (core->listen_called) {
+      core->log(LogLevel::error, "listen() called again: a Server serves once");
+      return false;
+    }
+    core->listen_called = true;
+  }
+  if (o.status_file) {
+    // A raw pointer: the status file is a member of the Core it logs to (a
+    // shared_ptr here would keep the Core alive forever).
+    detail::Core* const self = core.get();
+    core->status.emplace(o.workdir, [self](LogLevel level, const std::string& message) {
+      self->log(level, message);
+    });
+    if (const auto refused = core->status->claim(
+            o.port_attempts > 1 || o.port == 0 ? std::nullopt : std::optional<int>(o.port))) {
+      core->log(LogLevel::error, "cannot start: " + *refused);
+      core->life.enter(Phase::failed);  // the status file stays the other server's
+      return false;
+    }
+    detail::write_status_on_transition(*core);
+  }
+
+  detail::HttpFrontend http(core);
+  std::string why;
+  const int port = http.bind(why);
+  if (port < 0) {
+    const std::string message =
+        "cannot listen on " + o.host + ":" + std::to_string(o.port) + ": " + why;
+    core->log(LogLevel::error, message);
+    core->life.enter(Phase::failed, message);
+    return false;
+  }
+  core->port = port;
+  detail::size_futex_hash(o.max_streams + 64);
+  core->hub.start();
+  std::thread acceptor([&] {
+    detail::name_thread("as-accept");
+    if (!http.listen_after_bind()) {
+      core->log(LogLevel::error, "accepting connections failed; shutting down");
+      core->request_shutdown();
+    }
+  });
+  core->life.enter(Phase::ready);
+  core->log(LogLevel::info, "ready on " + o.host + ":" + std::to_string(port));
+
+  // The shutdown sequence, step by step as the README numbers it.
+  detail::ShutdownSequence shutdown(*core, http, acceptor);
+  shutdown.wait_for_request();
+  shutdown.lame_duck();         // 1.
+  shutdown.begin_drain();       // 2.
+  shutdown.end_every_stream();  // 3.
+  shutdown.wait_for_drain();    // 4.
+  shutdown.stop_serving();      // 5.
+  shutdown.run_hooks();         // 6.
+  shutdown.report();            // 7.
+  return true;
+}
+
+inline bool Server::wait_until_ready(std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(core_->mu);
+  core_->cv.wait_for(lock, timeout, [&] { return core_->life.phase() != detail::Phase::starting; });
+  return core_->life.started();
+}
+
+inline int Server::port() const { return core_->port.load(); }
+
+inline void Server::shutdown() { core_->request_shutdown(); }
+
+inline void Server::force_shutdown() { core_->request_force(); }
+
+inline bool Server::is_shutting_down() const { return core_->life.shutdown_requested(); }
+
+inline void Server::on_shutdown(std::function<void()> hook) {
+  std::lock_guard<std::mutex> lock(core_->mu);
+  core_->hooks.push_back(std::move(hook));
+}
+
+inline void Server::route(const std::string& method, const std::string& path,
+                          RouteHandler handler) {
+  static const char* const kMethods[] = {"GET", "POST", "PUT", "PATCH", "DELETE"};
+  if (std::find_if(std::begin(kMethods), std::end(kMethods),
+                   [&](const char* m) { return method == m; }) == std::end(kMethods)) {
+    throw std::invalid_argument("Server::route: unknown method '" + method +
+                                "' (GET, POST, PUT, PATCH or DELETE)");
+  }
+  if (path == "/api/chat" || path == "/health" || path == "/metrics") {
+    throw std::invalid_argument("Server::route: " + path + " is served by the server itself");
+  }
+  if (!handler) throw std::invalid_argument("Server::route: empty handler");
+  std::lock_guard<std::mutex> lock(core_->mu);
+  if (core_->listen_called) throw std::logic_error("Server::route: call it before listen()");
+  core_->routes.push_back({method, path, std::move(handler)});
+}
+
+}  // namespace agentsmithy
+// ---- include/agentsmithy/signals/signal_hook.hpp
+namespace agentsmithy {
+
+// ===========================================================================
+// Signal hook
+// ===========================================================================
+
+namespace detail {
+
+struct SignalRecord {
+  int signo;  // 0: the guard is going away
+  std::int64_t at_ns;
+};
+
+// The write end of the hook's pipe; the handler's only state.
+inline std::atomic<int> g_signal_pipe{-1};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free int");
+
+// Async-signal-safe: clock_gettime and write only.
+inline void on_signal(int signo) {
+  const int saved_errno = errno;
+  const int fd = g_signal_pipe.load(std::memory_order_relaxed);
+  if (fd >= 0) {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    const SignalRecord record{signo,
+                              static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec};
+    const ssize_t w = ::write(fd, &record, sizeof record);
+    (void)w;
+  }
+  errno = saved_errno;
+}
+
+inline const char* signal_name(int signo) {
+  return signo == SIGINT ? "SIGINT" : signo == SIGTERM ? "SIGTERM" : "signal";
+}
+
+}  // namespace detail
+
+struct SignalHook::State {
+  std::shared_ptr<detail::Core> core;
+  int pipe_read = -1, pipe_write = -1;
+  struct sigaction previous_int {};
+  struct sigaction previous_term {};
+  std::atomic<bool> forced{false};
+  std::thread watcher;
+};
+
+inline SignalHook::SignalHook(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}
+inline SignalHook::SignalHook(SignalHook&& other) noexcept = default;
+
+inline SignalHook& SignalHook::operator=(SignalHook&& other) noexcept {
+  if (this != &other) {
+    SignalHook dying(std::move(*this));
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+inline SignalHook::~SignalHook() {
+  if (!state_) return;
+  ::sigaction(SIGINT, &state_->previous_int, nullptr);
+  ::sigaction(SIGTERM, &state_->previous_term, nullptr);
+  detail::g_signal_pipe.store(-1);
+  const detail::SignalRecord stop{0, 0};
+  const ssize_t w = ::write(state_->pipe_write, &stop, sizeof stop);
+  (void)w;
+  state_->watcher.join();
+  ::close(state_->pipe_read);
+  ::close(state_->pipe_write);
+}
+
+inline bool SignalHook::forced() const { return state_ && state_->forced.load(); }
+
+// The handler only records the signal; this thread acts on it, where locks
+// and allocation are allowed. A signal within 20 ms of the first belongs to
+// the same burst (kill -TERM sent by a supervisor to every process, a
+// repeated key) and does not count as the second one.
+inline void SignalHook::watch(State& state) {
+  detail::name_thread("as-signal");
+  constexpr std::int64_t kBurstNs = 20 * 1000 * 1000;
+  std::int64_t first_ns = -1;
+  for (;;) {
+    detail::SignalRecord record{};
+    char* into = reinterpret_cast<char*>(&record);
+    std::size_t got = 0;
+    while (got < sizeof record) {
+      const ssize_t n = ::read(state.pipe_read, into + got, sizeof record - got);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      got += static_cast<std::size_t>(n);
+    }
+    if (record.signo == 0) return;
+    const std::string name = detail::signal_name(record.signo);
+    if (first_ns < 0) {
+      first_ns = record.at_ns;
+      state.core->log(LogLevel::info, "signal received: " + name);
+      state.core->request_shutdown(ShutdownReport::Cause::signal);
+    } else if (record.at_ns - first_ns >= kBurstNs && !state.forced) {
+      state.forced = true;
+      state.core->log(LogLevel::warning, "second signal received: " + name + "; forcing shutdown");
+      state.core->request_force();
+    }
+  }
+}
+
+inline SignalHook install_signal_handlers(Server& server) {
+  auto state = std::make_unique<SignalHook::State>();
+  state->core = server.core_;
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0)
+    throw std::system_error(errno, std::generic_category(), "pipe2");
+  state->pipe_read = fds[0];
+  state->pipe_write = fds[1];
+  // The handler must never block, even if the watcher falls behind.
+  ::fcntl(fds[1], F_SETFL, ::fcntl(fds[1], F_GETFL, 0) | O_NONBLOCK);
+  int expected = -1;
+  if (!detail::g_signal_pipe.compare_exchange_strong(expected, fds[1])) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw std::logic_error("install_signal_handlers: another SignalHook is alive");
+  }
+  struct sigaction action {};
+  action.sa_handler = &detail::on_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  if (::sigaction(SIGINT, &action, &state->previous_int) != 0 ||
+      ::sigaction(SIGTERM, &action, &state->previous_term) != 0) {
+    const int err = errno;
+    ::sigaction(SIGINT, &state->previous_int, nullptr);
+    detail::g_signal_pipe.store(-1);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw std::system_error(err, std::generic_category(), "sigaction");
+  }
+  SignalHook::State* raw = state.get();
+  state->watcher = std::thread([raw] { SignalHook::watch(*raw); });
+  return SignalHook(std::move(state));
+}
+
+}  // namespace agentsmithy
+
+// Producers written against the public API only: the built-in demo, and the
+// OpenAI-compatible upstream (AGENTSMITHY_OPENAI_SUPPORT).
+// ---- include/agentsmithy/demo/demo.hpp
+namespace agentsmithy {
+
+// ===========================================================================
+// The built-in demo, written against the public API
+// ===========================================================================
+
+namespace detail {
+
+// Plays the demo for every stream of a handler from one timer thread, through
+// the public StreamWriter: the shape of a host whose one inference thread
+// feeds many streams. Events due together go out in one send_batch(). A
+// cancelled stream is let go at once (on_cancel), not at its next event.
+class DemoFeeder {
+ public:
+  DemoFeeder() : state_(std::make_shared<State>()) {}
+  ~DemoFeeder() {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->stop = true;
+    state_->cv.notify_all();
+  }
+  DemoFeeder(const DemoFeeder&) = delete;
+  DemoFeeder& operator=(const DemoFeeder&) = delete;
+
+  void add(std::shared_ptr<StreamWriter> writer, std::unique_ptr<DemoScript> script) {
+    auto play = std::make_shared<Play>(Play{std::move(writer), std::move(script)});
+    StreamWriter& out = *play->writer;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      if (!state_->started) {
+        std::thread(&DemoFeeder::run, state_).detach();  // throws if out of threads
+        state_->started = true;
+      }
+      schedule_locked(*state_, play, Clock::now());
+    }
+    // Wake the feeder for a cancelled stream, so that it lets the writer go
+    // now and the stream's slot comes free.
+    out.on_cancel([weak = std::weak_ptr<Play>(play), state = std::weak_ptr<State>(state_)] {
+      const auto p = weak.lock();
+      const auto s = state.lock();
+      if (!p || !s) return;
+      std::lock_guard<std::mutex> lock(s->mu);
+      schedule_locked(*s, p, Clock::now());
+    });
+  }
+
+ private:
+  struct Play {
+    std::shared_ptr<StreamWriter> writer;  // null once the play is over
+    std::unique_ptr<DemoScript> script;
+  };
+  struct Due {
+    Clock::time_point at;
+    std::uint64_t seq;  // first come, first served among equal times
+    std::shared_ptr<Play> play;
+    bool operator>(const Due& other) const {
+      return at != other.at ? at > other.at : seq > other.seq;
+    }
+  };
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::priority_queue<Due, std::vector<Due>, std::greater<Due>> queue;
+    std::uint64_t seq = 0;
+    bool stop = false, started = false;
+  };
+
+  static void schedule_locked(State& s, std::shared_ptr<Play> play, Clock::time_point at) {
+    const bool sooner = s.queue.empty() || at < s.queue.top().at;
+    s.queue.push(Due{at, s.seq++, std::move(play)});
+    if (sooner) s.cv.notify_one();
+  }
+
+  static constexpr std::size_t kMaxEventsPerStep = 64;     // then other streams get their turn
+  static constexpr std::size_t kMaxBuffered = 256 * 1024;  // a slow client: wait, do not pile up
+
+  // Writes the play's events that are due, in one write; tells when the
+  // next is due, nothing once the play is over. Keeping the cadence: a step
+  // that runs late does not push back every later event, and the events that
+  // fell due meanwhile go out together (on a saturated core, one write per
+  // event is what the CPU goes to: see bench/RESULTS.md).
+  static std::optional<Clock::time_point> step(Play& play, Clock::time_point due,
+                                               Clock::time_point now) {
+    StreamWriter& out = *play.writer;
+    if (out.cancelled()) return std::nullopt;
+    if (out.buffered() > kMaxBuffered) return now + std::chrono::milliseconds(5);
+    std::vector<nlohmann::json> batch;
+    for (std::size_t i = 0; i < kMaxEventsPerStep; ++i) {
+      auto event = play.script->next_event();
+      if (!event) {
+        out.send_batch(batch);
+        out.end();
+        return std::nullopt;
+      }
+      batch.push_back(std::move(*event));
+      if (const auto pause = play.script->pause_before_next(); pause.count() > 0) {
+        due += pause;
+        if (due > now) {
+          if (!out.send_batch(batch)) return std::nullopt;
+          return due;
+        }
+      }
+    }
+    if (!out.send_batch(batch)) return std::nullopt;
+    return now;  // more is due: after the other streams' turn
+  }
+
+  static void run(std::shared_ptr<State> s) {
+    name_thread("as-demo");
+    std::vector<Due> due;
+    std::unique_lock<std::mutex> lock(s->mu);
+    while (!s->stop) {
+      if (s->queue.empty()) {
+        s->cv.wait(lock);
+        continue;
+      }
+      const auto now = Clock::now();
+      if (s->queue.top().at > now) {
+        // A copy: wait_until keeps reading its argument, and a push while
+        // the lock is released may move the queue's storage.
+        const Clock::time_point due = s->queue.top().at;
+        s->cv.wait_until(lock, due);
+        continue;
+      }
+      while (!s->queue.empty() && s->queue.top().at <= now && due.size() < 4096) {
+        due.push_back(s->queue.top());
+        s->queue.pop();
+      }
+      lock.unlock();
+      // Writers are released here, outside the lock: ending a stream may run
+      // code (the writer's end) that must not wait for this thread.
+      for (Due& d : due) {
+        if (!d.play->writer) {
+          d.play.reset();  // a wake-up for a play that is over already
+          continue;
+        }
+        if (const auto next = step(*d.play, d.at, now)) {
+          d.at = *next;
+        } else {
+          d.play->writer.reset();
+          d.play.reset();
+        }
+      }
+      lock.lock();
+      for (Due& d : due) {
+        if (d.play) schedule_locked(*s, std::move(d.play), d.at);
+      }
+      due.clear();
+    }
+  }
+
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace detail
+
+inline StreamHandler demo_stream_handler() {
+  auto feeder = std::make_shared<detail::DemoFeeder>();
+  return [feeder](const ChatRequest& request, std::shared_ptr<StreamWriter> out) {
+    std::unique_ptr<detail::DemoScript> script;
+    try {
+      script = std::make_unique<detail::DemoScript>(request);
+    } catch (const std::invalid_argument& e) {
+      out->send(detail::error_event(e.what(), "invalid_request"));
+      return;
+    }
+    feeder->add(std::move(out), std::move(script));
+  };
+}
+
+inline void demo_generator(const ChatRequest& request, StreamWriter& out) {
+  std::optional<detail::DemoScript> script;
+  try {
+    script.emplace(request);
+  } catch (const std::invalid_argument& e) {
+    out.send(detail::error_event(e.what(), "invalid_request"));
+    return;
+  }
+  while (const auto event = script->next_event()) {
+    if (!out.send(*event)) return;
+    const auto pause = script->pause_before_next();
+    if (pause.count() > 0 && !out.sleep_for(pause)) return;
+  }
+}
+
+}  // namespace agentsmithy
+#ifdef AGENTSMITHY_OPENAI_SUPPORT
+// ---- include/agentsmithy/openai/base_url.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // OpenAI upstream: base URL
@@ -3565,6 +4726,12 @@ inline UpstreamUrl parse_base_url(const std::string& url) {
   out.target = out.shown + "/chat/completions";
   return out;
 }
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/openai/sse_parser.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // OpenAI upstream: SSE parser
@@ -3667,6 +4834,12 @@ class SseParser {
   bool overflow_ = false;
   std::size_t comments_ = 0;
 };
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/openai/chunk_mapper.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // OpenAI upstream: chunks to events
@@ -3900,6 +5073,12 @@ class ChunkMapper {
   std::string error_;
   const char* error_code_ = "";
 };
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/openai/transfer_loop.hpp
+namespace agentsmithy {
+namespace detail {
 
 // ===========================================================================
 // OpenAI upstream: the HTTP transfers, all on one libcurl thread
@@ -4254,7 +5433,7 @@ class OpenAICall {
 // thread started after this one exits has its own.
 struct CurlRunner {
   CURLM* multi = nullptr;
-  int epoll_fd = -1, wake_fd = -1;
+  std::unique_ptr<EventLoop> loop;  // libcurl's sockets, and the wake for queued work
   std::unordered_map<OpenAICall*, std::shared_ptr<OpenAICall>> active;
   std::vector<OpenAICall*> paused;
   std::vector<OpenAICall*> written;                        // events to send when the pass is over
@@ -4266,19 +5445,16 @@ struct CurlRunner {
   CurlRunner& operator=(const CurlRunner&) = delete;
   ~CurlRunner() {
     if (multi) curl_multi_cleanup(multi);
-    if (epoll_fd >= 0) ::close(epoll_fd);
-    if (wake_fd >= 0) ::close(wake_fd);
   }
 
   // False (errno set) if the kernel or libcurl refuses.
   bool open() {
-    epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
-    wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (epoll_fd < 0 || wake_fd < 0) return false;
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.fd = wake_fd;
-    if (::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, wake_fd, &ev) != 0) return false;
+    try {
+      loop = std::make_unique<EventLoop>();
+    } catch (const std::system_error& e) {
+      errno = e.code().value();
+      return false;
+    }
     multi = curl_multi_init();
     if (!multi) {
       errno = ENOMEM;
@@ -4292,22 +5468,33 @@ struct CurlRunner {
   }
 
   // libcurl tells which of a transfer's sockets to watch, and for what.
+  // The socket's registration is its EventLoop::Watch, kept by libcurl
+  // (curl_multi_assign) and handed back here as `known`.
   static int socket_cb(CURL*, curl_socket_t fd, int what, void* self, void* known) {
     auto& r = *static_cast<CurlRunner*>(self);
+    auto* watch = static_cast<EventLoop::Watch*>(known);
     if (what == CURL_POLL_REMOVE) {
-      ::epoll_ctl(r.epoll_fd, EPOLL_CTL_DEL, fd, nullptr);
+      r.loop->unwatch(watch);
+      curl_multi_assign(r.multi, fd, nullptr);
       return 0;
     }
-    epoll_event ev{};
-    if (what & CURL_POLL_IN) ev.events |= EPOLLIN;
-    if (what & CURL_POLL_OUT) ev.events |= EPOLLOUT;
-    ev.data.fd = fd;
-    const int op = known ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-    if (::epoll_ctl(r.epoll_fd, op, fd, &ev) != 0) {
-      ::epoll_ctl(r.epoll_fd, op == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev);
+    std::uint32_t events = 0;
+    if (what & CURL_POLL_IN) events |= EPOLLIN;
+    if (what & CURL_POLL_OUT) events |= EPOLLOUT;
+    if (watch) {
+      r.loop->rearm(watch, events);
+    } else if ((watch = r.loop->watch(fd, events,
+                                      [&r, fd](std::uint32_t ready) { r.on_socket(fd, ready); }))) {
+      curl_multi_assign(r.multi, fd, watch);
     }
-    if (!known) curl_multi_assign(r.multi, fd, self);  // any non-null mark: "registered"
     return 0;
+  }
+  void on_socket(curl_socket_t fd, std::uint32_t ev) {
+    const int mask = ((ev & (EPOLLIN | EPOLLHUP)) ? CURL_CSELECT_IN : 0) |
+                     ((ev & EPOLLOUT) ? CURL_CSELECT_OUT : 0) |
+                     ((ev & EPOLLERR) ? CURL_CSELECT_ERR : 0);
+    int running = 0;
+    curl_multi_socket_action(multi, fd, mask, &running);
   }
   static int timer_cb(CURLM*, long ms, void* self) {
     auto& r = *static_cast<CurlRunner*>(self);
@@ -4388,10 +5575,9 @@ class CurlLoop {
   CurlLoop() = default;
 
   void wake_locked() {
-    if (wake_fd_ < 0 || wake_pending_) return;  // a starting loop reads the queues first
+    if (!loop_ || wake_pending_) return;  // a starting loop reads the queues first
     wake_pending_ = true;
-    const std::uint64_t one = 1;
-    if (::write(wake_fd_, &one, sizeof one) < 0) wake_pending_ = false;
+    loop_->wake();
   }
 
   void loop() {
@@ -4428,7 +5614,7 @@ class CurlLoop {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      wake_fd_ = r.wake_fd;
+      loop_ = r.loop.get();
     }
     for (;;) {
       std::vector<std::shared_ptr<OpenAICall>> adds, cancels;
@@ -4439,7 +5625,7 @@ class CurlLoop {
         wake_pending_ = false;
         if (adds.empty() && cancels.empty() && r.active.empty()) {
           running_ = false;
-          wake_fd_ = -1;
+          loop_ = nullptr;
           break;
         }
       }
@@ -4453,7 +5639,7 @@ class CurlLoop {
   std::vector<std::shared_ptr<OpenAICall>> adds_, cancels_;
   bool running_ = false;
   bool wake_pending_ = false;
-  int wake_fd_ = -1;  // the running loop's eventfd
+  EventLoop* loop_ = nullptr;  // the running loop's
 };
 
 inline void OpenAICall::on_connected() {
@@ -4543,37 +5729,14 @@ inline void CurlRunner::release(OpenAICall* call) {
 }
 
 inline void CurlRunner::step() {
-  using std::chrono::milliseconds;
-  const auto now = Clock::now();
-  // Milliseconds until `t`, rounded up (a wait of 0 while not due would spin).
-  const auto until = [&](Clock::time_point t) -> long long {
-    if (t <= now) return 0;
-    return std::chrono::duration_cast<milliseconds>(t - now + milliseconds(1) -
-                                                    std::chrono::nanoseconds(1))
-        .count();
-  };
-  long long wait = -1;
-  const auto at_most = [&](long long ms) { wait = wait < 0 ? ms : std::min(wait, ms); };
-  if (curl_timer) at_most(until(*curl_timer));
-  if (next_scan != Clock::time_point::max()) at_most(until(next_scan));
-  if (!paused.empty()) at_most(5);  // a paused client's backlog is polled, as the demo does
-  epoll_event events[64];
-  const int n = ::epoll_wait(epoll_fd, events, 64, static_cast<int>(std::min(wait, 60000LL)));
+  std::optional<Clock::time_point> until;
+  const auto at_most = [&](Clock::time_point t) { until = until ? std::min(*until, t) : t; };
+  if (curl_timer) at_most(*curl_timer);
+  if (next_scan != Clock::time_point::max()) at_most(next_scan);
+  // A paused client's backlog is polled, as the demo does.
+  if (!paused.empty()) at_most(Clock::now() + std::chrono::milliseconds(5));
+  loop->pass(until);
   int running = 0;
-  for (int i = 0; i < n; ++i) {
-    const int fd = events[i].data.fd;
-    if (fd == wake_fd) {
-      std::uint64_t count = 0;
-      while (::read(wake_fd, &count, sizeof count) > 0) {
-      }
-      continue;
-    }
-    const std::uint32_t ev = events[i].events;
-    const int mask = ((ev & (EPOLLIN | EPOLLHUP)) ? CURL_CSELECT_IN : 0) |
-                     ((ev & EPOLLOUT) ? CURL_CSELECT_OUT : 0) |
-                     ((ev & EPOLLERR) ? CURL_CSELECT_ERR : 0);
-    curl_multi_socket_action(multi, fd, mask, &running);
-  }
   if (curl_timer && *curl_timer <= Clock::now()) {
     curl_timer.reset();
     curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
@@ -4645,230 +5808,9 @@ inline void run_openai(const OpenAIConfig& config, const ChatRequest& request, S
 }
 
 }  // namespace detail
-
-// ===========================================================================
-// Definitions: stream writer, demo generator, chat service, server
-// ===========================================================================
-
-inline StreamWriter::StreamWriter(std::shared_ptr<detail::Core> core,
-                                  std::shared_ptr<detail::Channel> channel)
-    : core_(std::move(core)), channel_(std::move(channel)) {}
-
-inline StreamWriter::~StreamWriter() { end(); }
-
-inline bool StreamWriter::send(const nlohmann::json& event) {
-  return core_->hub.send(*channel_, &event, 1);
-}
-
-inline bool StreamWriter::send_batch(const std::vector<nlohmann::json>& events) {
-  if (events.empty()) return !cancelled();
-  return core_->hub.send(*channel_, events.data(), events.size());
-}
-
-inline bool StreamWriter::chat(std::string_view text) {
-  return send(nlohmann::json{{"type", "chat"}, {"content", std::string(text)}});
-}
-
-inline void StreamWriter::end() { core_->hub.finish(*channel_, std::nullopt); }
-
-inline bool StreamWriter::cancelled() const { return channel_->cancelled.load(); }
-
-inline std::size_t StreamWriter::buffered() const {
-  std::lock_guard<std::mutex> lock(channel_->mu);
-  return channel_->unsent();
-}
-
-inline bool StreamWriter::sleep_for(std::chrono::milliseconds d) {
-  return core_->hub.wait(*channel_, d);
-}
-
-inline void StreamWriter::on_cancel(std::function<void()> callback) {
-  core_->hub.on_cancel(*channel_, std::move(callback));
-}
-
-inline const std::string& StreamWriter::dialog_id() const { return channel_->dialog_id; }
-
-// ===========================================================================
-// The built-in demo, written against the public API
-// ===========================================================================
-
-namespace detail {
-
-// Plays the demo for every stream of a handler from one timer thread, through
-// the public StreamWriter: the shape of a host whose one inference thread
-// feeds many streams. Events due together go out in one send_batch(). A
-// cancelled stream is let go at once (on_cancel), not at its next event.
-class DemoFeeder {
- public:
-  DemoFeeder() : state_(std::make_shared<State>()) {}
-  ~DemoFeeder() {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    state_->stop = true;
-    state_->cv.notify_all();
-  }
-  DemoFeeder(const DemoFeeder&) = delete;
-  DemoFeeder& operator=(const DemoFeeder&) = delete;
-
-  void add(std::shared_ptr<StreamWriter> writer, std::unique_ptr<DemoScript> script) {
-    auto play = std::make_shared<Play>(Play{std::move(writer), std::move(script)});
-    StreamWriter& out = *play->writer;
-    {
-      std::lock_guard<std::mutex> lock(state_->mu);
-      if (!state_->started) {
-        std::thread(&DemoFeeder::run, state_).detach();  // throws if out of threads
-        state_->started = true;
-      }
-      schedule_locked(*state_, play, Clock::now());
-    }
-    // Wake the feeder for a cancelled stream, so that it lets the writer go
-    // now and the stream's slot comes free.
-    out.on_cancel([weak = std::weak_ptr<Play>(play), state = std::weak_ptr<State>(state_)] {
-      const auto p = weak.lock();
-      const auto s = state.lock();
-      if (!p || !s) return;
-      std::lock_guard<std::mutex> lock(s->mu);
-      schedule_locked(*s, p, Clock::now());
-    });
-  }
-
- private:
-  struct Play {
-    std::shared_ptr<StreamWriter> writer;  // null once the play is over
-    std::unique_ptr<DemoScript> script;
-  };
-  struct Due {
-    Clock::time_point at;
-    std::uint64_t seq;  // first come, first served among equal times
-    std::shared_ptr<Play> play;
-    bool operator>(const Due& other) const {
-      return at != other.at ? at > other.at : seq > other.seq;
-    }
-  };
-  struct State {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::priority_queue<Due, std::vector<Due>, std::greater<Due>> queue;
-    std::uint64_t seq = 0;
-    bool stop = false, started = false;
-  };
-
-  static void schedule_locked(State& s, std::shared_ptr<Play> play, Clock::time_point at) {
-    const bool sooner = s.queue.empty() || at < s.queue.top().at;
-    s.queue.push(Due{at, s.seq++, std::move(play)});
-    if (sooner) s.cv.notify_one();
-  }
-
-  static constexpr std::size_t kMaxEventsPerStep = 64;     // then other streams get their turn
-  static constexpr std::size_t kMaxBuffered = 256 * 1024;  // a slow client: wait, do not pile up
-
-  // Writes the play's events that are due, in one write; tells when the
-  // next is due, nothing once the play is over. Keeping the cadence: a step
-  // that runs late does not push back every later event, and the events that
-  // fell due meanwhile go out together (on a saturated core, one write per
-  // event is what the CPU goes to: see bench/RESULTS.md).
-  static std::optional<Clock::time_point> step(Play& play, Clock::time_point due,
-                                               Clock::time_point now) {
-    StreamWriter& out = *play.writer;
-    if (out.cancelled()) return std::nullopt;
-    if (out.buffered() > kMaxBuffered) return now + std::chrono::milliseconds(5);
-    std::vector<nlohmann::json> batch;
-    for (std::size_t i = 0; i < kMaxEventsPerStep; ++i) {
-      auto event = play.script->next_event();
-      if (!event) {
-        out.send_batch(batch);
-        out.end();
-        return std::nullopt;
-      }
-      batch.push_back(std::move(*event));
-      if (const auto pause = play.script->pause_before_next(); pause.count() > 0) {
-        due += pause;
-        if (due > now) {
-          if (!out.send_batch(batch)) return std::nullopt;
-          return due;
-        }
-      }
-    }
-    if (!out.send_batch(batch)) return std::nullopt;
-    return now;  // more is due: after the other streams' turn
-  }
-
-  static void run(std::shared_ptr<State> s) {
-    name_thread("as-demo");
-    std::vector<Due> due;
-    std::unique_lock<std::mutex> lock(s->mu);
-    while (!s->stop) {
-      if (s->queue.empty()) {
-        s->cv.wait(lock);
-        continue;
-      }
-      const auto now = Clock::now();
-      if (s->queue.top().at > now) {
-        // A copy: wait_until keeps reading its argument, and a push while
-        // the lock is released may move the queue's storage.
-        const Clock::time_point due = s->queue.top().at;
-        s->cv.wait_until(lock, due);
-        continue;
-      }
-      while (!s->queue.empty() && s->queue.top().at <= now && due.size() < 4096) {
-        due.push_back(s->queue.top());
-        s->queue.pop();
-      }
-      lock.unlock();
-      // Writers are released here, outside the lock: ending a stream may run
-      // code (the writer's end) that must not wait for this thread.
-      for (Due& d : due) {
-        if (!d.play->writer) {
-          d.play.reset();  // a wake-up for a play that is over already
-          continue;
-        }
-        if (const auto next = step(*d.play, d.at, now)) {
-          d.at = *next;
-        } else {
-          d.play->writer.reset();
-          d.play.reset();
-        }
-      }
-      lock.lock();
-      for (Due& d : due) {
-        if (d.play) schedule_locked(*s, std::move(d.play), d.at);
-      }
-      due.clear();
-    }
-  }
-
-  std::shared_ptr<State> state_;
-};
-
-}  // namespace detail
-
-inline StreamHandler demo_stream_handler() {
-  auto feeder = std::make_shared<detail::DemoFeeder>();
-  return [feeder](const ChatRequest& request, std::shared_ptr<StreamWriter> out) {
-    std::unique_ptr<detail::DemoScript> script;
-    try {
-      script = std::make_unique<detail::DemoScript>(request);
-    } catch (const std::invalid_argument& e) {
-      out->send(detail::error_event(e.what(), "invalid_request"));
-      return;
-    }
-    feeder->add(std::move(out), std::move(script));
-  };
-}
-
-inline void demo_generator(const ChatRequest& request, StreamWriter& out) {
-  std::optional<detail::DemoScript> script;
-  try {
-    script.emplace(request);
-  } catch (const std::invalid_argument& e) {
-    out.send(detail::error_event(e.what(), "invalid_request"));
-    return;
-  }
-  while (const auto event = script->next_event()) {
-    if (!out.send(*event)) return;
-    const auto pause = script->pause_before_next();
-    if (pause.count() > 0 && !out.sleep_for(pause)) return;
-  }
-}
+}  // namespace agentsmithy
+// ---- include/agentsmithy/openai/generator.hpp
+namespace agentsmithy {
 
 inline Generator openai_generator(OpenAIOptions options) {
   if (detail::curl_global() != CURLE_OK)
@@ -4888,423 +5830,7 @@ inline Generator openai_generator(OpenAIOptions options) {
   };
 }
 
-inline void ChatService::set_generator(Generator generator) {
-  core_.set_producer({std::move(generator), nullptr});
-}
-
-inline void ChatService::set_stream_handler(StreamHandler handler) {
-  core_.set_producer({nullptr, std::move(handler)});
-}
-
-inline std::size_t ChatService::active_streams() const { return core_.hub.active(); }
-
-inline bool ChatService::is_shutting_down() const { return core_.stopping.load(); }
-
-inline std::optional<ShutdownReport> Server::shutdown_report() const {
-  std::lock_guard<std::mutex> lock(core_->mu);
-  return core_->final_report;
-}
-
-inline Server::Server(Options options)
-    : core_(std::make_shared<detail::Core>(std::move(options))), chat_service_(*core_) {}
-
-inline Server::~Server() {
-  std::unique_lock<std::mutex> lock(core_->mu);
-  using State = detail::Core::State;
-  if (!core_->listen_called || core_->state == State::failed || core_->state == State::stopped) {
-    return;
-  }
-  lock.unlock();
-  core_->request_shutdown();
-  lock.lock();
-  core_->cv.wait(lock,
-                 [&] { return core_->state == State::failed || core_->state == State::stopped; });
-}
-
-inline const Options& Server::options() const { return core_->options; }
-
-namespace detail {
-
-// Linux 6.16+ gives a process a private futex hash sized from the CPU count
-// (16 slots on 2 cores), whatever its thread count; with thousands of
-// generator threads waiting on condition variables every wake then walks
-// long chains. Grow it to fit the threads we may run. Best effort: older
-// kernels refuse and keep their global hash.
-inline void size_futex_hash(std::size_t threads) {
-  constexpr int kFutexHash = 78, kSetSlots = 1, kGetSlots = 2;  // PR_FUTEX_HASH
-  unsigned long slots = 16;
-  while (slots < threads && slots < (1ul << 16)) slots <<= 1;
-  const int current = ::prctl(kFutexHash, kGetSlots, 0, 0, 0);
-  if (current >= 0 && static_cast<unsigned long>(current) < slots) {
-    ::prctl(kFutexHash, kSetSlots, slots, 0, 0);
-  }
-}
-
-// The report as one JSON object, durations in milliseconds.
-inline nlohmann::json report_json(const ShutdownReport& r) {
-  const char* cause = r.cause == ShutdownReport::Cause::signal   ? "signal"
-                      : r.cause == ShutdownReport::Cause::forced ? "forced"
-                                                                 : "shutdown";
-  const std::time_t t = std::chrono::system_clock::to_time_t(r.started);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char started[32];
-  std::strftime(started, sizeof started, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return {{"started_at", started},
-          {"cause", cause},
-          {"forced", r.forced},
-          {"lame_duck_ms", r.lame_duck.count()},
-          {"drain_ms", r.drain.count()},
-          {"last_done_ms", r.last_done.count()},
-          {"streams_notified", r.streams_notified},
-          {"streams_ended_in_grace", r.streams_ended_in_grace},
-          {"streams_cut", r.streams_cut},
-          {"clients_gone", r.clients_gone},
-          {"generators_running", r.generators_running},
-          {"idle_connections_closed", r.idle_connections_closed},
-          {"requests_refused", r.requests_refused}};
-}
-
-}  // namespace detail
-
-inline bool Server::listen() {
-  using State = detail::Core::State;
-  using detail::Clock;
-  const std::shared_ptr<detail::Core> core = core_;
-  const Options& o = core->options;
-  {
-    std::lock_guard<std::mutex> lock(core->mu);
-    if (core->listen_called) {
-      core->log(LogLevel::error, "listen() called again: a Server serves once");
-      return false;
-    }
-    core->listen_called = true;
-  }
-  if (o.status_file) {
-    // A raw pointer: the status file is a member of the Core it logs to (a
-    // shared_ptr here would keep the Core alive forever).
-    detail::Core* const self = core.get();
-    core->status.emplace(o.workdir, [self](LogLevel level, const std::string& message) {
-      self->log(level, message);
-    });
-    if (const auto refused = core->status->claim(
-            o.port_attempts > 1 || o.port == 0 ? std::nullopt : std::optional<int>(o.port))) {
-      core->log(LogLevel::error, "cannot start: " + *refused);
-      std::lock_guard<std::mutex> lock(core->mu);
-      core->state = State::failed;
-      core->cv.notify_all();
-      return false;
-    }
-  }
-  const auto set_state = [&](State state) {
-    {
-      std::lock_guard<std::mutex> lock(core->mu);
-      core->state = state;
-    }
-    core->cv.notify_all();
-  };
-  const auto wait_for = [&](auto&& pred, std::optional<Clock::time_point> until) {
-    std::unique_lock<std::mutex> lock(core->mu);
-    if (!until) {
-      core->cv.wait(lock, pred);
-      return true;
-    }
-    return core->cv.wait_until(lock, *until, pred);
-  };
-
-  detail::HttpFrontend http(core);
-  std::string why;
-  const int port = http.bind(why);
-  if (port < 0) {
-    const std::string message =
-        "cannot listen on " + o.host + ":" + std::to_string(o.port) + ": " + why;
-    core->log(LogLevel::error, message);
-    if (core->status) core->status->error(message);
-    set_state(State::failed);
-    return false;
-  }
-  core->port = port;
-  detail::size_futex_hash(o.max_streams + 64);
-  core->hub.start();
-  std::thread acceptor([&] {
-    detail::name_thread("as-accept");
-    if (!http.listen_after_bind()) {
-      core->log(LogLevel::error, "accepting connections failed; shutting down");
-      core->request_shutdown();
-    }
-  });
-  core->metrics.state = detail::Lifecycle::ready;
-  if (core->status) core->status->ready(port);
-  set_state(State::ready);
-  core->log(LogLevel::info, "ready on " + o.host + ":" + std::to_string(port));
-
-  // 1. Wait for the shutdown to be asked for.
-  wait_for([&] { return core->stopping.load(); }, std::nullopt);
-  const auto started = Clock::now();
-  if (core->status) core->status->stopping();
-  ShutdownReport report;
-  {
-    std::lock_guard<std::mutex> lock(core->mu);
-    report = core->report;
-  }
-  // 2. The lame duck: /health says 503 "stopping", everything else is served.
-  if (o.lame_duck.count() > 0 && !core->forced) {
-    core->metrics.state = detail::Lifecycle::lame_duck;
-    core->log(LogLevel::info, "lame duck for " + std::to_string(o.lame_duck.count()) +
-                                  " ms: /health answers 503, streams go on");
-    wait_for([&] { return core->forced.load(); }, started + o.lame_duck);
-  }
-  report.lame_duck = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
-  // 3. The drain: refuse new work, close idle connections, end every stream.
-  const auto drain_started = Clock::now();
-  report.clients_gone =
-      core->admitted.load() > core->hub.active() ? core->admitted.load() - core->hub.active() : 0;
-  core->begin_drain();
-  const auto cancelled = core->hub.cancel_all_for_shutdown();
-  // Producers only have to notice and return now; thousands of them runnable
-  // (each callback below may wake one) would share the CPU equally with the
-  // thread running the callbacks and writing every final event.
-  core->demote_generator_threads();
-  core->hub.run_cancel_callbacks(cancelled);
-  const std::size_t notified = core->hub.end_cancelled(cancelled);
-  report.last_done = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
-  core->log(LogLevel::info,
-            std::to_string(notified) + (notified == 1 ? " stream" : " streams") + " notified");
-  // 4. Wait for the streams, their producers and open requests, up to the
-  // grace period; then close what is left.
-  bool drained = wait_for([&] { return core->forced.load() || core->drained(); },
-                          drain_started + o.grace_period);
-  drained = drained && !core->forced;
-  const std::size_t still_running = std::min(core->admitted.load(), notified);
-  report.streams_notified = notified;
-  report.streams_ended_in_grace = notified - still_running;
-  if (drained) {
-    core->log(LogLevel::info,
-              "drained in " + std::to_string(detail::elapsed_ms(drain_started)) + " ms");
-  } else {
-    const std::size_t generators = core->admitted.load();
-    report.streams_cut = core->hub.close_all() + core->shut_down_connections();
-    core->log(LogLevel::warning, std::string(core->forced ? "forced" : "grace period over") +
-                                     " after " + std::to_string(detail::elapsed_ms(drain_started)) +
-                                     " ms: closed " + std::to_string(report.streams_cut) +
-                                     " connections; " + std::to_string(generators) +
-                                     " generators still running are left to finish on their own");
-  }
-  report.forced = core->forced;
-  report.drain =
-      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - drain_started);
-  http.stop_accepting();
-  acceptor.join();
-  http.close_listener();
-  http.stop_workers();
-  core->hub.close_all();
-  core->hub.stop();
-
-  std::vector<std::function<void()>> hooks;
-  {
-    std::lock_guard<std::mutex> lock(core->mu);
-    hooks = core->hooks;
-  }
-  for (std::size_t i = 0; i < hooks.size(); ++i) {
-    try {
-      hooks[i]();
-    } catch (const std::exception& e) {
-      core->log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw: " + e.what());
-    } catch (...) {
-      core->log(LogLevel::error, "on_shutdown hook " + std::to_string(i) + " threw");
-    }
-  }
-  report.generators_running = core->admitted.load();
-  report.idle_connections_closed = core->idle_closed.load();
-  report.requests_refused = core->refused.load();
-  core->metrics.drain_ms = report.drain.count();
-  core->metrics.drain_notified = report.streams_notified;
-  core->metrics.drain_closed = report.streams_cut;
-  core->metrics.drained_once = true;
-  core->metrics.state = detail::Lifecycle::stopped;
-  core->log(LogLevel::info, "shutdown report " + detail::report_json(report).dump());
-  {
-    std::lock_guard<std::mutex> lock(core->mu);
-    core->final_report = report;
-  }
-  core->log(LogLevel::info, "stopped");
-  if (core->status) core->status->stopped();
-  set_state(State::stopped);
-  return true;
-}
-
-inline bool Server::wait_until_ready(std::chrono::milliseconds timeout) const {
-  using State = detail::Core::State;
-  std::unique_lock<std::mutex> lock(core_->mu);
-  core_->cv.wait_for(lock, timeout, [&] { return core_->state != State::idle; });
-  return core_->state == State::ready || core_->state == State::stopped;
-}
-
-inline int Server::port() const { return core_->port.load(); }
-
-inline void Server::shutdown() { core_->request_shutdown(); }
-
-inline void Server::force_shutdown() { core_->request_force(); }
-
-inline bool Server::is_shutting_down() const { return core_->stopping.load(); }
-
-inline void Server::on_shutdown(std::function<void()> hook) {
-  std::lock_guard<std::mutex> lock(core_->mu);
-  core_->hooks.push_back(std::move(hook));
-}
-
-inline void Server::route(const std::string& method, const std::string& path,
-                          RouteHandler handler) {
-  static const char* const kMethods[] = {"GET", "POST", "PUT", "PATCH", "DELETE"};
-  if (std::find_if(std::begin(kMethods), std::end(kMethods),
-                   [&](const char* m) { return method == m; }) == std::end(kMethods)) {
-    throw std::invalid_argument("Server::route: unknown method '" + method +
-                                "' (GET, POST, PUT, PATCH or DELETE)");
-  }
-  if (path == "/api/chat" || path == "/health" || path == "/metrics") {
-    throw std::invalid_argument("Server::route: " + path + " is served by the server itself");
-  }
-  if (!handler) throw std::invalid_argument("Server::route: empty handler");
-  std::lock_guard<std::mutex> lock(core_->mu);
-  if (core_->listen_called) throw std::logic_error("Server::route: call it before listen()");
-  core_->routes.push_back({method, path, std::move(handler)});
-}
-
-// ===========================================================================
-// Signal hook
-// ===========================================================================
-
-namespace detail {
-
-struct SignalRecord {
-  int signo;  // 0: the guard is going away
-  std::int64_t at_ns;
-};
-
-// The write end of the hook's pipe; the handler's only state.
-inline std::atomic<int> g_signal_pipe{-1};
-static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free int");
-
-// Async-signal-safe: clock_gettime and write only.
-inline void on_signal(int signo) {
-  const int saved_errno = errno;
-  const int fd = g_signal_pipe.load(std::memory_order_relaxed);
-  if (fd >= 0) {
-    timespec ts{};
-    ::clock_gettime(CLOCK_MONOTONIC, &ts);
-    const SignalRecord record{signo,
-                              static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec};
-    const ssize_t w = ::write(fd, &record, sizeof record);
-    (void)w;
-  }
-  errno = saved_errno;
-}
-
-inline const char* signal_name(int signo) {
-  return signo == SIGINT ? "SIGINT" : signo == SIGTERM ? "SIGTERM" : "signal";
-}
-
-}  // namespace detail
-
-struct SignalHook::State {
-  std::shared_ptr<detail::Core> core;
-  int pipe_read = -1, pipe_write = -1;
-  struct sigaction previous_int {};
-  struct sigaction previous_term {};
-  std::atomic<bool> forced{false};
-  std::thread watcher;
-};
-
-inline SignalHook::SignalHook(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}
-inline SignalHook::SignalHook(SignalHook&& other) noexcept = default;
-
-inline SignalHook& SignalHook::operator=(SignalHook&& other) noexcept {
-  if (this != &other) {
-    SignalHook dying(std::move(*this));
-    state_ = std::move(other.state_);
-  }
-  return *this;
-}
-
-inline SignalHook::~SignalHook() {
-  if (!state_) return;
-  ::sigaction(SIGINT, &state_->previous_int, nullptr);
-  ::sigaction(SIGTERM, &state_->previous_term, nullptr);
-  detail::g_signal_pipe.store(-1);
-  const detail::SignalRecord stop{0, 0};
-  const ssize_t w = ::write(state_->pipe_write, &stop, sizeof stop);
-  (void)w;
-  state_->watcher.join();
-  ::close(state_->pipe_read);
-  ::close(state_->pipe_write);
-}
-
-inline bool SignalHook::forced() const { return state_ && state_->forced.load(); }
-
-// The handler only records the signal; this thread acts on it, where locks
-// and allocation are allowed. A signal within 20 ms of the first belongs to
-// the same burst (kill -TERM sent by a supervisor to every process, a
-// repeated key) and does not count as the second one.
-inline void SignalHook::watch(State& state) {
-  detail::name_thread("as-signal");
-  constexpr std::int64_t kBurstNs = 20 * 1000 * 1000;
-  std::int64_t first_ns = -1;
-  for (;;) {
-    detail::SignalRecord record{};
-    char* into = reinterpret_cast<char*>(&record);
-    std::size_t got = 0;
-    while (got < sizeof record) {
-      const ssize_t n = ::read(state.pipe_read, into + got, sizeof record - got);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return;
-      got += static_cast<std::size_t>(n);
-    }
-    if (record.signo == 0) return;
-    const std::string name = detail::signal_name(record.signo);
-    if (first_ns < 0) {
-      first_ns = record.at_ns;
-      state.core->log(LogLevel::info, "signal received: " + name);
-      state.core->request_shutdown(ShutdownReport::Cause::signal);
-    } else if (record.at_ns - first_ns >= kBurstNs && !state.forced) {
-      state.forced = true;
-      state.core->log(LogLevel::warning, "second signal received: " + name + "; forcing shutdown");
-      state.core->request_force();
-    }
-  }
-}
-
-inline SignalHook install_signal_handlers(Server& server) {
-  auto state = std::make_unique<SignalHook::State>();
-  state->core = server.core_;
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0)
-    throw std::system_error(errno, std::generic_category(), "pipe2");
-  state->pipe_read = fds[0];
-  state->pipe_write = fds[1];
-  // The handler must never block, even if the watcher falls behind.
-  ::fcntl(fds[1], F_SETFL, ::fcntl(fds[1], F_GETFL, 0) | O_NONBLOCK);
-  int expected = -1;
-  if (!detail::g_signal_pipe.compare_exchange_strong(expected, fds[1])) {
-    ::close(fds[0]);
-    ::close(fds[1]);
-    throw std::logic_error("install_signal_handlers: another SignalHook is alive");
-  }
-  struct sigaction action {};
-  action.sa_handler = &detail::on_signal;
-  sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESTART;
-  if (::sigaction(SIGINT, &action, &state->previous_int) != 0 ||
-      ::sigaction(SIGTERM, &action, &state->previous_term) != 0) {
-    const int err = errno;
-    ::sigaction(SIGINT, &state->previous_int, nullptr);
-    detail::g_signal_pipe.store(-1);
-    ::close(fds[0]);
-    ::close(fds[1]);
-    throw std::system_error(err, std::generic_category(), "sigaction");
-  }
-  SignalHook::State* raw = state.get();
-  state->watcher = std::thread([raw] { SignalHook::watch(*raw); });
-  return SignalHook(std::move(state));
-}
-
 }  // namespace agentsmithy
+#endif
+
+// clang-format on

@@ -7,6 +7,12 @@
 // Settings: a flag beats the environment, the environment beats DIR/.env.
 // Exit status: 0 after a graceful shutdown, 130 after a forced one (a second
 // signal during the drain), 1 when the server cannot start, 2 for bad usage.
+//
+// It serves --upstream through openai_generator, so it is built with the
+// OpenAI upstream (and libcurl); the Makefile and CMake pass the define too.
+#ifndef AGENTSMITHY_OPENAI_SUPPORT
+#define AGENTSMITHY_OPENAI_SUPPORT
+#endif
 #include "agentsmithy.hpp"
 
 #include <signal.h>
