@@ -84,6 +84,7 @@ endif
 # The single header is made from these (tools/amalgamate.py).
 HEADER_PARTS := include/agentsmithy.hpp $(sort $(shell find include/agentsmithy -name '*.hpp'))
 FORMAT_SOURCES := $(wildcard $(HEADER_PARTS) examples/*.cpp tests/*.cpp tests/*.hpp \
+                             tests/support/*.hpp tests/ops/*.cpp \
                              tests/fuzz/*.cpp tests/fuzz/*.hpp bench/*.cpp bench/*.hpp)
 
 .PHONY: all run test cxx20 bench format format-check clean deps deps-san amalgamate check-amalgamate check-header \
@@ -154,6 +155,8 @@ $(TESTS): $(TEST_OBJECTS) agentsmithy.hpp | deps
 	@mkdir -p $(@D)
 	$(CXX) $(STD) $(CXXFLAGS) $(TEST_OBJECTS) -o $@ $(LINK)
 
+# Dependency files are only read: no rule (a pattern rule would match them).
+%.d: ;
 -include $(wildcard $(BUILD)/*.d $(BUILD)/obj/*.d $(BUILD)/obj/tests/*.d)
 
 # $(call install_missing,PACKAGES): apt-get installs those not installed yet.
@@ -188,10 +191,10 @@ run: $(SERVER)
 	@$(SERVER) --workdir . $(RUN_ARGS); status=$$?; \
 	  echo "agentsmithy-server exited with status $$status"; exit $$status
 
-# $(call run_suite,LABEL,TESTS,SERVER,ENV,TIMEOUT_FACTOR): runs the doctest
-# binary TESTS, then the shell test against SERVER, whatever the first gives,
-# with the environment assignments ENV, and ends with
-# "LABEL: N passed, M failed" (doctest test cases + the shell test).
+# $(call run_suite,LABEL,TESTS,SERVER,ENV,TIMEOUT_FACTOR,SCRIPTS): runs the
+# doctest binary TESTS, then each shell test of SCRIPTS against SERVER,
+# whatever the ones before gave, with the environment assignments ENV, and
+# ends with "LABEL: N passed, M failed" (doctest test cases + the scripts).
 define run_suite
 passed=0; failed=0; log=$(2).log; \
 env $(4) AGENTSMITHY_SERVER=$(3) timeout --foreground -k 10 $$(($(TEST_TIMEOUT) * $(5))) \
@@ -204,21 +207,27 @@ fi; \
 if [ "$$status" -ne 0 ] && [ "$$failed" -eq 0 ]; then \
   echo "$(2) exited with status $$status"; failed=1; \
 fi; \
-echo "--- tests/shutdown_simple.sh"; \
-if env $(4) AGENTSMITHY_SERVER=$(3) timeout --foreground -k 10 $$(($(SCRIPT_TIMEOUT) * $(5))) \
-     bash tests/shutdown_simple.sh; then \
-  passed=$$((passed + 1)); \
-else \
-  echo "tests/shutdown_simple.sh failed (status $$?)"; failed=$$((failed + 1)); \
-fi; \
+for script in $(6); do \
+  echo "--- $$script"; \
+  if env $(4) AGENTSMITHY_SERVER=$(3) timeout --foreground -k 10 $$(($(SCRIPT_TIMEOUT) * $(5))) \
+       bash $$script; then \
+    passed=$$((passed + 1)); \
+  else \
+    echo "$$script failed (status $$?)"; failed=$$((failed + 1)); \
+  fi; \
+done; \
 echo "$(1): $$passed passed, $$failed failed"; \
 [ "$$failed" -eq 0 ]
 endef
 
-# Runs the doctest suite, then the shell test, whatever the first gives, and
-# ends with "tests: N passed, M failed" (doctest test cases + the shell test).
+# The shell tests: the founding spec's client, and the README's walkthrough
+# run for real against what the README shows (sanitized runs: the first).
+SUITE_SCRIPTS := tests/shutdown_simple.sh tests/readme_walkthrough.sh
+
+# Runs the doctest suite, then the shell tests, whatever the ones before give,
+# and ends with "tests: N passed, M failed" (doctest test cases + the scripts).
 test: all
-	@$(call run_suite,tests,$(TESTS),$(SERVER),,1)
+	@$(call run_suite,tests,$(TESTS),$(SERVER),,1,$(SUITE_SCRIPTS))
 
 cxx20:
 	@$(MAKE) --no-print-directory BUILD=$(BUILD)/cxx20 STD=-std=c++20 all
@@ -273,7 +282,7 @@ test-asan: deps-san
 	@$(MAKE) --no-print-directory BUILD=$(ASAN_DIR) CXX=$(SAN_CXX) \
 	  CXXFLAGS="$(SAN_CFLAGS) $(ASAN_FLAGS)" WARNINGS="$(SAN_WARNINGS)" \
 	  $(ASAN_DIR)/agentsmithy-tests $(ASAN_DIR)/agentsmithy-server
-	@$(call run_suite,asan,$(ASAN_DIR)/agentsmithy-tests,$(ASAN_DIR)/agentsmithy-server,$(ASAN_ENV),$(SAN_TIMEOUT_FACTOR))
+	@$(call run_suite,asan,$(ASAN_DIR)/agentsmithy-tests,$(ASAN_DIR)/agentsmithy-server,$(ASAN_ENV),$(SAN_TIMEOUT_FACTOR),tests/shutdown_simple.sh)
 
 test-tsan: $(TSAN_HTTPLIB_LIB) | deps-san
 	@$(MAKE) --no-print-directory BUILD=$(TSAN_DIR) CXX=$(SAN_CXX) \
@@ -281,7 +290,7 @@ test-tsan: $(TSAN_HTTPLIB_LIB) | deps-san
 	  HTTPLIB_CFLAGS="-I$(TSAN_HTTPLIB)/include $$(pkg-config --cflags cpp-httplib)" \
 	  HTTPLIB_LIBS="$(TSAN_HTTPLIB_LIB) $$(pkg-config --libs openssl zlib libbrotlidec libbrotlienc)" \
 	  $(TSAN_DIR)/agentsmithy-tests $(TSAN_DIR)/agentsmithy-server
-	@$(call run_suite,tsan,$(TSAN_DIR)/agentsmithy-tests,$(TSAN_DIR)/agentsmithy-server,$(TSAN_ENV),$(SAN_TIMEOUT_FACTOR))
+	@$(call run_suite,tsan,$(TSAN_DIR)/agentsmithy-tests,$(TSAN_DIR)/agentsmithy-server,$(TSAN_ENV),$(SAN_TIMEOUT_FACTOR),tests/shutdown_simple.sh)
 
 # ---------------------------------------------------------------------------
 # Fuzzing: libFuzzer targets tests/fuzz/fuzz_*.cpp (clang 14, with ASan and

@@ -184,8 +184,7 @@ TEST_CASE("the shutdown's 503 carries the new text and code shutdown") {
   RawClient holder(rs.port());
   REQUIRE(holder.post_chat(chat_body("hold")));
   REQUIRE(holder.read_count("chat", 1));
-  rs.server().shutdown();
-  REQUIRE(wait_until([&] { return rs.chat().is_shutting_down(); }, 1000ms));
+  rs.start_shutdown();
   RawClient late(rs.port());
   REQUIRE(late.post_chat(chat_body("late")));
   CHECK(late.read_response());
@@ -301,8 +300,7 @@ TEST_CASE("host routes: served on the same port, under the Host guard and auth, 
   REQUIRE(holder.request("POST", "/api/chat", chat_body("hold").dump(),
                          {{"Content-Type", "application/json"}, {"Authorization", "Bearer tok"}}));
   REQUIRE(holder.read_count("chat", 1));
-  rs.server().shutdown();
-  REQUIRE(wait_until([&] { return rs.chat().is_shutting_down(); }, 1000ms));
+  rs.start_shutdown();
   {
     RawClient c(rs.port());
     REQUIRE(c.get("/hello"));
@@ -347,28 +345,26 @@ TEST_CASE("every stream opens with the user event, on both routes; stream:false 
 }
 
 TEST_CASE("/health: config_valid, config_errors and ide") {
-  SUBCASE("a valid configuration") {
-    agentsmithy::Options o = test_options();
-    o.ide = "vscode";
-    RunningServer rs(o);
+  // What /health answers on a server with the options `o`.
+  const auto health_with = [](agentsmithy::Options o) {
+    RunningServer rs(std::move(o));
     REQUIRE(rs.ready());
     RawClient c(rs.port());
     REQUIRE(c.get("/health"));
     CHECK(c.read_response());
-    const json h = c.body_json();
+    return c.body_json();
+  };
+  agentsmithy::Options o = test_options();
+  SUBCASE("a valid configuration") {
+    o.ide = "vscode";
+    const json h = health_with(o);
     CHECK(h.value("config_valid", false) == true);
     CHECK(h["config_errors"].is_null());
     CHECK(h.value("ide", std::string()) == "vscode");
   }
   SUBCASE("errors the host found") {
-    agentsmithy::Options o = test_options();
     o.config_errors = {"--upstream: scheme must be http or https"};
-    RunningServer rs(o);
-    REQUIRE(rs.ready());
-    RawClient c(rs.port());
-    REQUIRE(c.get("/health"));
-    CHECK(c.read_response());
-    const json h = c.body_json();
+    const json h = health_with(o);
     CHECK(h.value("config_valid", true) == false);
     CHECK(h["config_errors"] == json::array({"--upstream: scheme must be http or https"}));
     CHECK(h["ide"].is_null());
@@ -435,33 +431,25 @@ TEST_CASE("example server: --cors-origin, AGENTSMITHY_CORS_ORIGINS and .env fill
     REQUIRE(c.read_response());
     return c.status;
   };
+  // The example server's options, and the preflight status each origin gets.
+  ServerProcess::Spec spec{{"--port", "0"}, {}, "", false};
+  std::vector<std::pair<std::string, int>> expected;
   SUBCASE("repeated flags") {
-    ServerProcess p(
-        {{"--port", "0", "--cors-origin", "http://a.test", "--cors-origin", "http://b.test"},
-         {},
-         "",
-         false});
-    const int port = p.wait_ready();
-    REQUIRE(port > 0);
-    CHECK(preflight(port, "http://a.test") == 204);
-    CHECK(preflight(port, "http://b.test") == 204);
-    CHECK(preflight(port, "http://c.test") == 403);
+    spec.args = {"--port", "0", "--cors-origin", "http://a.test", "--cors-origin", "http://b.test"};
+    expected = {{"http://a.test", 204}, {"http://b.test", 204}, {"http://c.test", 403}};
   }
   SUBCASE("the environment, comma-separated") {
-    ServerProcess p({{"--port", "0"},
-                     {{"AGENTSMITHY_CORS_ORIGINS", "http://a.test, http://b.test"}},
-                     "",
-                     false});
-    const int port = p.wait_ready();
-    REQUIRE(port > 0);
-    CHECK(preflight(port, "http://b.test") == 204);
-    CHECK(preflight(port, "http://c.test") == 403);
+    spec.env = {{"AGENTSMITHY_CORS_ORIGINS", "http://a.test, http://b.test"}};
+    expected = {{"http://b.test", 204}, {"http://c.test", 403}};
   }
   SUBCASE(".env") {
-    ServerProcess p({{"--port", "0"}, {}, "AGENTSMITHY_CORS_ORIGINS=http://a.test\n", false});
-    const int port = p.wait_ready();
-    REQUIRE(port > 0);
-    CHECK(preflight(port, "http://a.test") == 204);
-    CHECK(preflight(port, "http://b.test") == 403);
+    spec.dotenv = "AGENTSMITHY_CORS_ORIGINS=http://a.test\n";
+    expected = {{"http://a.test", 204}, {"http://b.test", 403}};
+  }
+  ServerProcess p(spec);
+  const int port = p.require_ready();
+  for (const auto& origin_status : expected) {
+    CAPTURE(origin_status.first);
+    CHECK(preflight(port, origin_status.first) == origin_status.second);
   }
 }

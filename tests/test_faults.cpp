@@ -11,30 +11,6 @@ using agentsmithy::StreamWriter;
 
 namespace {
 
-// Counts log records by text, for "exactly once" checks.
-class CountingLog {
- public:
-  agentsmithy::Logger logger() {
-    return [this](agentsmithy::LogLevel level, const std::string& message) {
-      store->add(level, message);
-      std::lock_guard<std::mutex> lock(mutex_);
-      lines_.push_back(message);
-    };
-  }
-  std::size_t count(std::string_view needle) const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::size_t n = 0;
-    for (const auto& l : lines_)
-      if (l.find(needle) != std::string::npos) ++n;
-    return n;
-  }
-  std::shared_ptr<LogStore> store = std::make_shared<LogStore>();
-
- private:
-  mutable std::mutex mutex_;
-  std::vector<std::string> lines_;
-};
-
 struct NotAnException {
   int code;
 };
@@ -114,28 +90,20 @@ TEST_CASE("fault: a generator that throws a non-std::exception yields an error e
   CHECK(rs.logs->contains("generator threw", agentsmithy::LogLevel::warning));
 }
 
-TEST_CASE(
+TEST_CASE_FIXTURE(
+    StuckServer<1000>,
     "fault: a generator that never returns and ignores cancellation: shutdown ends at the "
     "grace deadline and listen() returns") {
-  auto st = std::make_shared<StuckState>();
-  agentsmithy::Options o = test_options();
-  o.grace_period = 1000ms;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_generator(stuck_generator(st)); });
-  StuckRelease release{st};
-  REQUIRE(rs.ready());
   std::vector<std::unique_ptr<RawClient>> clients;
   for (int i = 0; i < 3; ++i) {
     clients.push_back(std::make_unique<RawClient>(rs.port()));
-    REQUIRE(clients.back()->post_chat(chat_body("hi")));
-    REQUIRE(clients.back()->read_events(1));
+    open_stuck(*clients.back());
   }
-  REQUIRE(wait_until([&] { return st->entered.load() == 3; }));
 
   const auto t0 = Clock::now();
   rs.server().shutdown();
   for (auto& c : clients) {
-    CHECK(c->read_to_eof(2000ms));
-    check_ended_by_shutdown(*c);
+    check_reads_to_shutdown_end(*c, 2000ms);
     CHECK(ms_between(t0, c->done_at) < 250.0);
   }
   REQUIRE(rs.wait_returned(3000ms));
@@ -149,15 +117,8 @@ TEST_CASE(
   INFO(rs.logs->text());
   CHECK(rs.logs->contains("grace period over", agentsmithy::LogLevel::warning));
 
-  // The Server object goes away while they are still stuck; when they wake,
-  // nothing they touch has been freed (the sanitizer runs check this), their
-  // sends are refused and they see the cancellation.
-  rs.destroy();
-  st->gate.open();
-  REQUIRE(wait_until([&] { return st->finished.load() == 3; }, 3000ms));
-  CHECK(st->late_send_false.load() == 3);
-  CHECK(st->late_send_true.load() == 0);
-  CHECK(st->late_cancelled.load() == 3);
+  // The Server object goes away while they are still stuck.
+  destroy_then_release(3);
 }
 
 // ---------------------------------------------------------------------------
@@ -165,9 +126,9 @@ TEST_CASE(
 // ---------------------------------------------------------------------------
 
 TEST_CASE("fault: shutdown() from 8 threads x 100 times at once: one clean shutdown") {
-  CountingLog log;
+  auto log = std::make_shared<LogStore>();
   agentsmithy::Options o = test_options();
-  o.logger = log.logger();
+  o.logger = make_logger(log);
   std::atomic<int> hook_runs{0};
   bool during_startup = false;
   SUBCASE("while streams are open") {}
@@ -210,19 +171,18 @@ TEST_CASE("fault: shutdown() from 8 threads x 100 times at once: one clean shutd
   const bool ok = wait_until([&] { return returned.load(); }, 5000ms);
   if (!ok) {
     std::fprintf(stderr, "listen() did not return after the shutdown storm; abort\n%s",
-                 log.store->text().c_str());
+                 log->text().c_str());
     std::_Exit(3);
   }
   listener.join();
   CHECK(result.load());
   for (auto& c : clients) {
-    CHECK(c->read_to_eof(2000ms));
-    check_ended_by_shutdown(*c);
+    check_reads_to_shutdown_end(*c, 2000ms);
   }
-  INFO(log.store->text());
-  CHECK(log.count("shutdown requested") == 1);
-  CHECK(log.count("streams notified") == 1);
-  CHECK(log.count("stopped") == 1);
+  INFO(log->text());
+  CHECK(log->count("shutdown requested") == 1);
+  CHECK(log->count("streams notified") == 1);
+  CHECK(log->count("stopped") == 1);
   CHECK(hook_runs.load() == 1);
   server->shutdown();  // after listen() returned: harmless
   server.reset();
@@ -233,10 +193,8 @@ TEST_CASE(
     "fault: 10 SIGTERMs within a millisecond to agentsmithy-server: one clean shutdown, "
     "exit 0") {
   ServerProcess p({{"--port", "0", "--grace-period", "3"}, {}, "", false});
-  REQUIRE(p.started());
-  const int port = p.wait_ready();
+  const int port = p.require_ready();
   INFO(p.output());
-  REQUIRE(port > 0);
   RawClient c(port);
   REQUIRE(c.post_chat(demo_body("Tell me a long story", 100000, 20)));
   REQUIRE(c.read_count("chat", 2));
@@ -244,8 +202,7 @@ TEST_CASE(
   const auto t0 = Clock::now();
   for (int i = 0; i < 10; ++i) REQUIRE(p.signal(SIGTERM));
   const double spread = ms_since(t0);
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   REQUIRE(p.wait_exit(5000ms));
   const double ms = ms_between(t0, p.exited_at());
   note("10 SIGTERMs sent within " + std::to_string(spread) + " ms: the server exited after " +
@@ -263,28 +220,27 @@ TEST_CASE(
 }
 
 TEST_CASE("fault: SIGTERM before agentsmithy-server is ready: a clean exit 0") {
+  // SIGTERM, then an exit with status 0 that logged the signal once.
+  const auto exits_cleanly_on_sigterm = [](ServerProcess& p) {
+    REQUIRE(p.signal(SIGTERM));
+    REQUIRE(p.wait_exit(5000ms));
+    INFO(p.output());
+    CHECK(p.exited());
+    CHECK(p.exit_code() == 0);
+    CHECK(p.count("signal received: SIGTERM") == 1);
+  };
   SUBCASE("while it starts (after its first log line, before it listens)") {
     ServerProcess p({{"--port", "0"}, {}, "", false});
     REQUIRE(p.started());
     REQUIRE(p.wait_for_output("agentsmithy-server starting"));
     const bool was_ready = p.count("ready on") > 0;
-    REQUIRE(p.signal(SIGTERM));
-    REQUIRE(p.wait_exit(5000ms));
-    INFO(p.output());
     CAPTURE(was_ready);
-    CHECK(p.exited());
-    CHECK(p.exit_code() == 0);
-    CHECK(p.count("signal received: SIGTERM") == 1);
+    exits_cleanly_on_sigterm(p);
   }
   SUBCASE("pending from exec (blocked by the parent)") {
     ServerProcess p({{"--port", "0"}, {}, "", true});
     REQUIRE(p.started());
-    REQUIRE(p.signal(SIGTERM));
-    REQUIRE(p.wait_exit(5000ms));
-    INFO(p.output());
-    CHECK(p.exited());
-    CHECK(p.exit_code() == 0);
-    CHECK(p.count("signal received: SIGTERM") == 1);
+    exits_cleanly_on_sigterm(p);
   }
   SUBCASE("at once after spawning, 20 times") {
     // Before main() runs, SIGTERM's default action still applies: the process
@@ -310,9 +266,8 @@ TEST_CASE("fault: SIGTERM before agentsmithy-server is ready: a clean exit 0") {
 }
 
 TEST_CASE("fault: a signal before listen() makes listen() return promptly (in process)") {
-  CountingLog log;
   agentsmithy::Options o = test_options();
-  o.logger = log.logger();
+  o.logger = make_logger(std::make_shared<LogStore>());
   Server s(o);
   auto hook = agentsmithy::install_signal_handlers(s);
   REQUIRE(::kill(::getpid(), SIGTERM) == 0);
@@ -354,15 +309,15 @@ TEST_CASE("fault: a port already in use: listen() is false; the example exits 1 
   {
     agentsmithy::Options o = test_options();
     o.port = port;
-    CountingLog log;
-    o.logger = log.logger();
+    auto log = std::make_shared<LogStore>();
+    o.logger = make_logger(log);
     Server s(o);
     const auto t0 = Clock::now();
     CHECK_FALSE(s.listen());  // returns at once
     CHECK(ms_since(t0) < 1000.0);
     CHECK_FALSE(s.wait_until_ready(100ms));
-    INFO(log.store->text());
-    CHECK(log.count(std::to_string(port)) >= 1);
+    INFO(log->text());
+    CHECK(log->count(std::to_string(port)) >= 1);
   }
 
   ServerProcess p({{"--port", std::to_string(port)}, {}, "", false});

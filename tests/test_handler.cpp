@@ -5,7 +5,6 @@
 #include <sys/socket.h>
 
 #include <algorithm>
-#include <deque>
 #include <set>
 
 #include "support.hpp"
@@ -14,7 +13,6 @@ using namespace test;
 using agentsmithy::ChatRequest;
 using agentsmithy::Server;
 using agentsmithy::StreamWriter;
-using Writer = std::shared_ptr<StreamWriter>;
 
 namespace {
 
@@ -38,6 +36,10 @@ class BatchProducer {
       incoming_.push_back(std::move(w));
     }
     cv_.notify_all();
+  }
+  // A stream handler that hands each writer to the producer.
+  agentsmithy::StreamHandler handler() {
+    return [this](const ChatRequest&, Writer w) { add(std::move(w)); };
   }
   std::set<std::thread::id> feeding_threads() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -81,48 +83,6 @@ class BatchProducer {
   std::thread thread_;
 };
 
-// Hands each request's writer to the test, which keeps or drops it.
-struct Parked {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<Writer> writers;
-  std::set<std::thread::id> handler_threads;
-
-  agentsmithy::StreamHandler handler() {
-    return [this](const ChatRequest&, Writer w) {
-      std::lock_guard<std::mutex> lock(mu);
-      handler_threads.insert(std::this_thread::get_id());
-      writers.push_back(std::move(w));
-      cv.notify_all();
-    };
-  }
-  Writer take(milliseconds timeout = 5000ms) {
-    std::unique_lock<std::mutex> lock(mu);
-    if (!cv.wait_for(lock, timeout, [&] { return !writers.empty(); })) return nullptr;
-    Writer w = std::move(writers.front());
-    writers.pop_front();
-    return w;
-  }
-};
-
-// A server whose handler parks every writer for the test to take, and a
-// client whose request is the one parked.
-struct ParkedServer {
-  explicit ParkedServer(agentsmithy::Options options = test_options())
-      : rs(std::move(options),
-           [this](Server& s) { s.chat_service().set_stream_handler(parked.handler()); }) {}
-  // Sends `body` from `c` and takes its writer.
-  Writer open(RawClient& c, const json& body = chat_body("hi")) {
-    if (!c.connected()) c.connect_to(rs.port());
-    REQUIRE(c.post_chat(body));
-    Writer w = parked.take();
-    REQUIRE(w);
-    return w;
-  }
-  Parked parked;  // before rs: the handler refers to it
-  RunningServer rs;
-};
-
 // Opens `n` streams, each asking `text`.
 std::vector<std::unique_ptr<RawClient>> open_streams(int port, int n, const std::string& text) {
   std::vector<std::unique_ptr<RawClient>> clients;
@@ -141,7 +101,7 @@ struct CancelProbe {
   std::thread::id thread;
   std::function<void()> callback() {
     return [this] {
-      at_ns.store(Clock::now().time_since_epoch().count());
+      at_ns.store(now_rep());
       {
         std::lock_guard<std::mutex> lock(mu);
         thread = std::this_thread::get_id();
@@ -149,17 +109,14 @@ struct CancelProbe {
       runs.fetch_add(1);
     };
   }
-  Clock::time_point at() const { return Clock::time_point(Clock::duration(at_ns.load())); }
+  Clock::time_point at() const { return from_rep(at_ns.load()); }
 };
 
 }  // namespace
 
 TEST_CASE("handler: one producer thread feeds 200 streams at once") {
   BatchProducer producer(20);
-  RunningServer rs(test_options(), [&](Server& s) {
-    s.chat_service().set_stream_handler(
-        [&producer](const ChatRequest&, Writer w) { producer.add(std::move(w)); });
-  });
+  RunningServer rs(test_options(), with_handler(producer.handler()));
   REQUIRE(rs.ready());
   constexpr int kStreams = 200;
   auto clients = open_streams(rs.port(), kStreams, "go");
@@ -174,12 +131,8 @@ TEST_CASE("handler: one producer thread feeds 200 streams at once") {
   CHECK(wait_until([&] { return rs.chat().active_streams() == 0; }, 2000ms));
 }
 
-TEST_CASE("handler: the stream stays open after the handler returns, until end()") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
-  RawClient c;
-  Writer w = ps.open(c);
+TEST_CASE_FIXTURE(ParkedStream,
+                  "handler: the stream stays open after the handler returns, until end()") {
   CHECK(c.read_headers());
   CHECK(w->chat("one"));
   CHECK(c.read_count("chat", 1));
@@ -193,17 +146,13 @@ TEST_CASE("handler: the stream stays open after the handler returns, until end()
   check_well_formed_stream(c);
   CHECK(c.types() == std::vector<std::string>{"chat", "done"});
   {
-    std::lock_guard<std::mutex> lock(ps.parked.mu);
-    CHECK(ps.parked.handler_threads.count(std::this_thread::get_id()) == 0);  // a server thread
+    std::lock_guard<std::mutex> lock(parked.mu);
+    CHECK(parked.handler_threads.count(std::this_thread::get_id()) == 0);  // a server thread
   }
 }
 
-TEST_CASE("handler: releasing the last reference without end() appends done") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
-  RawClient c;
-  Writer w = ps.open(c);
+TEST_CASE_FIXTURE(ParkedStream,
+                  "handler: releasing the last reference without end() appends done") {
   Writer copy = w;
   CHECK(w->chat("a"));
   w.reset();  // another reference is left: the stream goes on
@@ -216,12 +165,7 @@ TEST_CASE("handler: releasing the last reference without end() appends done") {
   CHECK(c.types() == std::vector<std::string>{"chat", "chat", "done"});
 }
 
-TEST_CASE("handler: an error event ends the stream and done follows") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
-  RawClient c;
-  Writer w = ps.open(c);
+TEST_CASE_FIXTURE(ParkedStream, "handler: an error event ends the stream and done follows") {
   CHECK(w->send({{"type", "error"}, {"error", "model exploded"}}));
   CHECK_FALSE(w->chat("late"));
   w->end();
@@ -252,12 +196,9 @@ TEST_CASE(
   CHECK(d.joined_chat() == "fine");
 }
 
-TEST_CASE("handler: stream:false is answered once the writer ends") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
+TEST_CASE_FIXTURE(ParkedServer, "handler: stream:false is answered once the writer ends") {
   RawClient c;
-  Writer w = ps.open(c, chat_body("hi", json::object(), false));
+  Writer w = open(c, chat_body("hi", json::object(), false));
   std::thread feeder([w] {
     w->chat("Hello, ");
     w->chat("world");
@@ -271,18 +212,15 @@ TEST_CASE("handler: stream:false is answered once the writer ends") {
   CHECK(body.value("done", false));
 }
 
-TEST_CASE("handler: several threads on one writer keep every event whole and in call order") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
-  RawClient c;
-  Writer w = ps.open(c);
+TEST_CASE_FIXTURE(
+    ParkedStream,
+    "handler: several threads on one writer keep every event whole and in call order") {
   constexpr int kThreads = 4, kPerThread = 500;
   // Each thread numbers its own events; a thread's events must arrive in its
   // order, and every event whole (a torn frame fails the parser).
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([w, t] {
+    threads.emplace_back([w = w, t] {
       const std::string pad(100 + 37 * t, 'a' + t);
       for (int i = 0; i < kPerThread; ++i) {
         w->send({{"type", "chat"}, {"content", pad}, {"thread", t}, {"seq", i}});
@@ -313,7 +251,6 @@ TEST_CASE("handler: the max_streams slot is held until the writer ends") {
   o.max_streams = 1;
   ParkedServer ps(o);
   auto& rs = ps.rs;
-  REQUIRE(rs.ready());
   RawClient a;
   Writer w = ps.open(a, chat_body("a"));
   a.abort();  // the client is gone, but the producer still holds the writer
@@ -351,14 +288,11 @@ TEST_CASE("handler: set_generator and set_stream_handler replace each other") {
 // on_cancel
 // ---------------------------------------------------------------------------
 
-TEST_CASE("on_cancel: runs once, on a server thread, within 10 ms of the client leaving") {
-  ParkedServer ps;
-  REQUIRE(ps.rs.ready());
+TEST_CASE_FIXTURE(ParkedStream,
+                  "on_cancel: runs once, on a server thread, within 10 ms of the client leaving") {
   bool reset = true;
   SUBCASE("the client resets the connection") { reset = true; }
   SUBCASE("the client closes its side (FIN)") { reset = false; }
-  RawClient c;
-  Writer w = ps.open(c);
   CancelProbe first, second;
   std::vector<int> order;
   std::mutex order_mu;
@@ -453,12 +387,9 @@ TEST_CASE("on_cancel: a stream that ends normally never runs its callbacks") {
   CHECK(probe.runs.load() == 0);
 }
 
-TEST_CASE("on_cancel: registered after the cancellation, it runs at once on the calling thread") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
-  RawClient c;
-  Writer w = ps.open(c);
+TEST_CASE_FIXTURE(
+    ParkedStream,
+    "on_cancel: registered after the cancellation, it runs at once on the calling thread") {
   CHECK(c.read_headers());
   c.abort();
   REQUIRE(wait_until([&] { return w->cancelled(); }, 2000ms));
@@ -468,12 +399,8 @@ TEST_CASE("on_cancel: registered after the cancellation, it runs at once on the 
   CHECK(late.thread == std::this_thread::get_id());
 }
 
-TEST_CASE("on_cancel: a callback that throws is logged and the rest still run") {
-  ParkedServer ps;
-  auto& rs = ps.rs;
-  REQUIRE(rs.ready());
-  RawClient c;
-  Writer w = ps.open(c);
+TEST_CASE_FIXTURE(ParkedStream,
+                  "on_cancel: a callback that throws is logged and the rest still run") {
   CancelProbe after;
   w->on_cancel([] { throw std::runtime_error("callback bug"); });
   w->on_cancel(after.callback());
@@ -492,7 +419,6 @@ TEST_CASE("on_cancel: a producer that ignores the shutdown is cut at the grace d
   o.grace_period = 200ms;
   ParkedServer ps(o);
   auto& rs = ps.rs;
-  REQUIRE(rs.ready());
   RawClient c;
   Writer w = ps.open(c);  // held past the grace period
   CancelProbe probe;
@@ -519,10 +445,7 @@ TEST_CASE("handler: shutdown with 1,000 handler streams ends every one within 50
   agentsmithy::Options o = test_options();
   o.max_streams = 1200;
   BatchProducer producer(1000000);  // never finishes on its own
-  RunningServer rs(o, [&](Server& s) {
-    s.chat_service().set_stream_handler(
-        [&producer](const ChatRequest&, Writer w) { producer.add(std::move(w)); });
-  });
+  RunningServer rs(o, with_handler(producer.handler()));
   REQUIRE(rs.ready());
   constexpr int kStreams = 1000;
   auto clients = open_streams(rs.port(), kStreams, "go");

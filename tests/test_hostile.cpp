@@ -88,13 +88,16 @@ class Loris {
   std::thread thread_;
 };
 
+// test_options() with the given read_timeout.
+agentsmithy::Options with_read_timeout(milliseconds read_timeout) {
+  agentsmithy::Options o = test_options();
+  o.read_timeout = read_timeout;
+  return o;
+}
+
 const std::string kLorisHeaders =
     "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     "Accept: text/event-stream\r\nContent-Length: 60\r\n\r\n";
-
-std::size_t count_generator_calls(std::atomic<int>& calls) {
-  return static_cast<std::size_t>(calls.load());
-}
 
 // A raw request on a fresh connection; waits for the whole response or the
 // close. Returns the client for inspection.
@@ -152,16 +155,7 @@ const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 // ---------------------------------------------------------------------------
 
 TEST_CASE("hostile: slow loris headers are cut off at the read timeout; others are served") {
-  std::atomic<int> calls{0};
-  agentsmithy::Options o = test_options();
-  o.read_timeout = 1000ms;
-  RunningServer rs(o, [&](Server& s) {
-    s.chat_service().set_generator([&calls](const ChatRequest&, StreamWriter& out) {
-      calls.fetch_add(1);
-      out.chat("ok");
-    });
-  });
-  REQUIRE(rs.ready());
+  CountingServer rs(with_read_timeout(1000ms));
 
   Loris loris(rs.port(), kLorisHeaders, 200ms);
   REQUIRE(loris.connected());
@@ -177,21 +171,12 @@ TEST_CASE("hostile: slow loris headers are cut off at the read timeout; others a
        std::to_string(loris.ms_to_close()) + " ms after its first byte");
   CHECK(loris.ms_to_close() >= 900.0);
   CHECK(loris.ms_to_close() < 1700.0);
-  CHECK(count_generator_calls(calls) == 1);  // only check_still_serving's stream
+  CHECK(rs.calls() == 1);  // only check_still_serving's stream
   check_still_serving(rs.port(), "after the loris");
 }
 
 TEST_CASE("hostile: a request body that never completes is cut off at the read timeout") {
-  std::atomic<int> calls{0};
-  agentsmithy::Options o = test_options();
-  o.read_timeout = 1000ms;
-  RunningServer rs(o, [&](Server& s) {
-    s.chat_service().set_generator([&calls](const ChatRequest&, StreamWriter& out) {
-      calls.fetch_add(1);
-      out.chat("ok");
-    });
-  });
-  REQUIRE(rs.ready());
+  CountingServer rs(with_read_timeout(1000ms));
   const std::string head =
       "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
       "Content-Length: 1000\r\n\r\n{\"messages\":[";
@@ -223,7 +208,7 @@ TEST_CASE("hostile: a request body that never completes is cut off at the read t
     CHECK(loris.ms_to_close() >= 900.0);
     CHECK(loris.ms_to_close() < 1700.0);
   }
-  CHECK(count_generator_calls(calls) == 0);
+  CHECK(rs.calls() == 0);
   check_still_serving(rs.port(), "after the incomplete body");
 }
 
@@ -282,10 +267,7 @@ TEST_CASE("hostile: more slow lorises than serving threads delay others at most 
     lorises.push_back(std::move(c));
   }
   const auto t0 = Clock::now();
-  RawClient h(rs.port());
-  REQUIRE(h.get("/health"));
-  CHECK(h.read_response(5000ms));
-  CHECK(h.status == 200);
+  check_health(rs.port());
   const double health_ms = ms_since(t0);
   std::size_t closed = 0;
   for (auto& c : lorises) {
@@ -530,16 +512,7 @@ TEST_CASE("hostile: 1,000 streams aborted mid-stream (RST and FIN) leave nothing
 // ---------------------------------------------------------------------------
 
 TEST_CASE("hostile: malformed HTTP gets a 4xx or a close, never a hang; the server serves on") {
-  std::atomic<int> calls{0};
-  agentsmithy::Options o = test_options();
-  o.read_timeout = 500ms;
-  RunningServer rs(o, [&](Server& s) {
-    s.chat_service().set_generator([&calls](const ChatRequest&, StreamWriter& out) {
-      calls.fetch_add(1);
-      out.chat("ok");
-    });
-  });
-  REQUIRE(rs.ready());
+  CountingServer rs(with_read_timeout(500ms));
   const std::string host = "Host: 127.0.0.1\r\n";
   const std::string body = R"({"messages":[{"role":"user","content":"hi"}]})";
   struct Case {
@@ -584,19 +557,14 @@ TEST_CASE("hostile: malformed HTTP gets a 4xx or a close, never a hang; the serv
       CHECK(c->status >= 400);
       CHECK(c->status < 500);
     }
-    RawClient h(rs.port());
-    REQUIRE(h.get("/health"));
-    CHECK(h.read_response(2000ms));
-    CHECK(h.status == 200);
+    check_health(rs.port(), 2000ms);
   }
-  CHECK(count_generator_calls(calls) == 0);
+  CHECK(rs.calls() == 0);
   check_still_serving(rs.port(), "after the malformed requests");
 }
 
 TEST_CASE("hostile: oversized headers and request lines are refused; the server serves on") {
-  agentsmithy::Options o = test_options();
-  o.read_timeout = 1000ms;
-  RunningServer rs(o);
+  RunningServer rs(with_read_timeout(1000ms));
   REQUIRE(rs.ready());
   const std::string host = "Host: 127.0.0.1\r\n";
   SUBCASE("one header line over 8 KiB") {
@@ -641,10 +609,8 @@ TEST_CASE("hostile: an endless header or request line is not buffered without bo
   SUBCASE("the request line") { start = "GET /health?q="; }
   CAPTURE(start);
   ServerProcess p({{"--port", "0"}, {}, "", false});
-  REQUIRE(p.started());
-  const int port = p.wait_ready();
+  const int port = p.require_ready();
   INFO(p.output());
-  REQUIRE(port > 0);
   const long hwm0 = proc_status("VmHWM", p.pid());
   RawClient c(port);
   REQUIRE(c.connected());
@@ -682,13 +648,8 @@ TEST_CASE("hostile: an endless header or request line is not buffered without bo
   CHECK(hwm1 - hwm0 < 8 * 1024);  // kB: far less than what was sent
   CHECK(sent < kTotal);
   c.close();
-  RawClient h(port);
-  REQUIRE(h.get("/health"));
-  CHECK(h.read_response(3000ms));
-  CHECK(h.status == 200);
-  p.signal(SIGTERM);
-  CHECK(p.wait_exit(5000ms));
-  CHECK(p.exit_code() == 0);
+  check_health(port, 3000ms);
+  check_exits_on_sigterm(p);
 }
 
 TEST_CASE("hostile: 100,000-deep nested JSON gets 400; brackets inside strings do not count") {
@@ -715,14 +676,9 @@ TEST_CASE("hostile: 100,000-deep nested JSON gets 400; brackets inside strings d
   };
   for (const auto& tc : cases) {
     CAPTURE(tc.name);
-    RawClient c(rs.port());
-    REQUIRE(c.post_raw(tc.body));
-    CHECK(c.read_response(5000ms));
-    INFO(c.summary());
-    CHECK(c.status == 400);
-    const json j = c.body_json();
-    CHECK(j.is_object());
-    CHECK(j.value("error", std::string()).find("nested") != std::string::npos);
+    auto c = check_chat_refused(rs.port(), tc.body, 400);
+    INFO(c->summary());
+    CHECK(c->body_json().value("error", std::string()).find("nested") != std::string::npos);
   }
   // 100,000 brackets and braces inside strings (with escaped quotes) are text.
   const std::string text = std::string(depth, '[') + "\\\"{{{" + std::string(depth, '{');
@@ -736,14 +692,7 @@ TEST_CASE("hostile: 100,000-deep nested JSON gets 400; brackets inside strings d
 }
 
 TEST_CASE("hostile: invalid UTF-8 in a request gets 400 with a valid UTF-8 JSON error") {
-  std::atomic<int> calls{0};
-  RunningServer rs(test_options(), [&](Server& s) {
-    s.chat_service().set_generator([&calls](const ChatRequest&, StreamWriter& out) {
-      calls.fetch_add(1);
-      out.chat("ok");
-    });
-  });
-  REQUIRE(rs.ready());
+  CountingServer rs;
   const auto with_content = [](const std::string& content) {
     return R"({"messages":[{"role":"user","content":")" + content + R"("}]})";
   };
@@ -771,17 +720,12 @@ TEST_CASE("hostile: invalid UTF-8 in a request gets 400 with a valid UTF-8 JSON 
   };
   for (const auto& tc : cases) {
     CAPTURE(tc.name);
-    RawClient c(rs.port());
-    REQUIRE(c.post_raw(tc.body));
-    CHECK(c.read_response(5000ms));
-    INFO(c.summary());
-    CHECK(c.status == 400);
-    CHECK(valid_utf8(c.body));
-    const json j = c.body_json();
-    CHECK(j.is_object());
-    CHECK(j.value("error", std::string()).rfind("Invalid JSON", 0) == 0);
+    auto c = check_chat_refused(rs.port(), tc.body, 400);
+    INFO(c->summary());
+    CHECK(valid_utf8(c->body));
+    CHECK(c->body_json().value("error", std::string()).rfind("Invalid JSON", 0) == 0);
   }
-  CHECK(count_generator_calls(calls) == 0);
+  CHECK(rs.calls() == 0);
   // Valid multi-byte text is fine.
   RawClient ok(rs.port());
   REQUIRE(ok.post_raw(with_content("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80")));
@@ -791,14 +735,7 @@ TEST_CASE("hostile: invalid UTF-8 in a request gets 400 with a valid UTF-8 JSON 
 
 TEST_CASE(
     "hostile: a dialog_id with CR/LF, over 128 characters or outside [A-Za-z0-9_-] gets 422") {
-  std::atomic<int> calls{0};
-  RunningServer rs(test_options(), [&](Server& s) {
-    s.chat_service().set_generator([&calls](const ChatRequest&, StreamWriter& out) {
-      calls.fetch_add(1);
-      out.chat("ok");
-    });
-  });
-  REQUIRE(rs.ready());
+  CountingServer rs;
   const std::vector<std::pair<std::string, std::string>> bad = {
       {"CR LF header injection", "abc\r\nSet-Cookie: injected=1"},
       {"LF", "abc\ndef"},
@@ -822,18 +759,14 @@ TEST_CASE(
     CAPTURE(name);
     json body = chat_body("hi");
     body["dialog_id"] = id;
-    RawClient c(rs.port());
-    REQUIRE(c.post_raw(body.dump()));
-    CHECK(c.read_response(5000ms));
-    INFO(c.summary());
-    CHECK(c.status == 422);
-    const json j = c.body_json();
-    CHECK(j.value("error", std::string()).find("dialog_id") != std::string::npos);
-    CHECK_FALSE(c.has_header("set-cookie"));
-    if (id.size() > 3) CHECK(c.body.find(id) == std::string::npos);  // never echoed
-    CHECK(c.body.find("injected") == std::string::npos);
+    auto c = check_chat_refused(rs.port(), body.dump(), 422);
+    INFO(c->summary());
+    CHECK(c->body_json().value("error", std::string()).find("dialog_id") != std::string::npos);
+    CHECK_FALSE(c->has_header("set-cookie"));
+    if (id.size() > 3) CHECK(c->body.find(id) == std::string::npos);  // never echoed
+    CHECK(c->body.find("injected") == std::string::npos);
   }
-  CHECK(count_generator_calls(calls) == 0);
+  CHECK(rs.calls() == 0);
 
   // Exactly 128 characters of every allowed class: accepted and echoed as is.
   std::string good;
@@ -875,15 +808,21 @@ TEST_CASE("hostile: a generator emitting invalid UTF-8: the stream carries on, b
   });
   REQUIRE(rs.ready());
 
+  // Asks `text`, streaming or not, and reads the whole answer: valid UTF-8.
+  const auto ask = [&](const std::string& text, bool stream) {
+    auto c = std::make_unique<RawClient>(rs.port());
+    REQUIRE(c->post_chat(chat_body(text, json::object(), stream)));
+    CHECK((stream ? c->read_to_eof(5000ms) : c->read_response(5000ms)));
+    INFO(c->summary());
+    CHECK(valid_utf8(c->body));
+    return c;
+  };
   SUBCASE("streaming") {
-    RawClient c(rs.port());
-    REQUIRE(c.post_chat(chat_body("hi")));
-    CHECK(c.read_to_eof(5000ms));
-    check_well_formed_stream(c);
-    CHECK(valid_utf8(c.body));
-    REQUIRE(c.count("chat") == sent.size());
+    auto c = ask("hi", true);
+    check_well_formed_stream(*c);
+    REQUIRE(c->count("chat") == sent.size());
     std::vector<std::string> got;
-    for (const auto& e : c.events)
+    for (const auto& e : c->events)
       if (e.value("type", std::string()) == "chat")
         got.push_back(e.value("content", std::string()));
     CHECK(got[0] == "abc" + kReplacement);
@@ -894,42 +833,32 @@ TEST_CASE("hostile: a generator emitting invalid UTF-8: the stream carries on, b
     CHECK(got[4].rfind("surrogate ", 0) == 0);
     CHECK(got[4].find(kReplacement) != std::string::npos);
     CHECK(got[5] == sent[5]);
-    CHECK(c.count("tool_call") == 1);
-    CHECK(c.count("error") == 0);
+    CHECK(c->count("tool_call") == 1);
+    CHECK(c->count("error") == 0);
   }
   SUBCASE("streaming, then a what() with invalid UTF-8") {
-    RawClient c(rs.port());
-    REQUIRE(c.post_chat(chat_body("throw")));
-    CHECK(c.read_to_eof(5000ms));
-    check_well_formed_stream(c);
-    CHECK(valid_utf8(c.body));
-    REQUIRE(c.count("error") == 1);
-    const json& err = c.events[c.events.size() - 2];
+    auto c = ask("throw", true);
+    check_well_formed_stream(*c);
+    REQUIRE(c->count("error") == 1);
+    const json& err = c->events[c->events.size() - 2];
     CHECK(err.value("error", std::string()) == "model said " + kReplacement + " and died");
   }
   SUBCASE("non-streaming") {
-    RawClient c(rs.port());
-    REQUIRE(c.post_chat(chat_body("hi", json::object(), false)));
-    CHECK(c.read_response(5000ms));
-    INFO(c.summary());
-    CHECK(c.status == 200);
-    CHECK(valid_utf8(c.body));
-    const json j = c.body_json();
+    auto c = ask("hi", false);
+    INFO(c->summary());
+    CHECK(c->status == 200);
     // The chunks are joined before they are serialised: the character cut
     // between the first two comes out whole; the other bytes are replaced.
-    const std::string content = j.value("content", std::string());
+    const std::string content = c->body_json().value("content", std::string());
     CHECK(content.rfind("abc\xe2\x82\xac def", 0) == 0);
     CHECK(content.find("lone " + kReplacement + " byte") != std::string::npos);
     CHECK(content.find("fine: caf\xc3\xa9") != std::string::npos);
   }
   SUBCASE("non-streaming, then a what() with invalid UTF-8") {
-    RawClient c(rs.port());
-    REQUIRE(c.post_chat(chat_body("throw", json::object(), false)));
-    CHECK(c.read_response(5000ms));
-    INFO(c.summary());
-    CHECK(c.status == 500);
-    CHECK(valid_utf8(c.body));
-    CHECK(c.body_json().value("error", std::string()) ==
+    auto c = ask("throw", false);
+    INFO(c->summary());
+    CHECK(c->status == 500);
+    CHECK(c->body_json().value("error", std::string()) ==
           "model said " + kReplacement + " and died");
   }
   check_still_serving(rs.port(), "after the broken UTF-8");

@@ -34,6 +34,14 @@ OpenAIOptions options_for(const ScriptedUpstream& up) {
   return o;
 }
 
+// Options for `hang`, an upstream whose connects hang (a full backlog).
+OpenAIOptions hanging_connect_options(const ScriptedUpstream& hang, milliseconds connect_timeout) {
+  OpenAIOptions o;
+  o.base_url = hang.url();
+  o.connect_timeout = connect_timeout;
+  return o;
+}
+
 std::unique_ptr<RawClient> chat(RunningServer& srv, const json& body = chat_body("hi")) {
   auto c = std::make_unique<RawClient>(srv.port());
   c->post_chat(body);
@@ -572,10 +580,7 @@ TEST_CASE("openai: read timeout while waiting for headers and when stalled mid-s
 
 TEST_CASE("openai: connect timeout bounds a connect that hangs") {
   ScriptedUpstream hang(nullptr, /*backlog_only=*/true);
-  OpenAIOptions o;
-  o.base_url = hang.url();
-  o.connect_timeout = 300ms;
-  auto srv = proxy_server(o);
+  auto srv = proxy_server(hanging_connect_options(hang, 300ms));
   const auto t0 = Clock::now();
   auto c = chat(*srv);
   const double ms = ms_since(t0);
@@ -591,18 +596,18 @@ TEST_CASE("openai: connect timeout bounds a connect that hangs") {
 
 namespace {
 
-enum class Phase { headers, streaming, stalled };
+enum class UpstreamPhase { headers, streaming, stalled };
 enum class Cancel { client_gone, shutdown, force };
 
-ScriptedUpstream::Script phase_script(Phase phase) {
+ScriptedUpstream::Script phase_script(UpstreamPhase phase) {
   return [phase](Conn& c) {
-    if (phase == Phase::headers) {
+    if (phase == UpstreamPhase::headers) {
       c.wait_closed();
       return;
     }
     c.head();
     c.body(sse_content("first"));
-    if (phase == Phase::streaming) {
+    if (phase == UpstreamPhase::streaming) {
       c.drip(sse_content("x"), 5ms);
     } else {
       c.wait_closed();
@@ -610,13 +615,14 @@ ScriptedUpstream::Script phase_script(Phase phase) {
   };
 }
 
-void check_cancel(Phase phase, Cancel how) {
+void check_cancel(UpstreamPhase phase, Cancel how) {
   ScriptedUpstream up(phase_script(phase));
   auto srv = proxy_server(options_for(up));
   RawClient c(srv->port());
   c.post_chat(chat_body("hi"));
   REQUIRE(up.wait_requests(1));
-  if (phase != Phase::headers) REQUIRE(c.read_count("chat", phase == Phase::streaming ? 3 : 1));
+  if (phase != UpstreamPhase::headers)
+    REQUIRE(c.read_count("chat", phase == UpstreamPhase::streaming ? 3 : 1));
   if (how != Cancel::client_gone) c.start_background_read(5000ms);  // stamps done as it comes
   const auto t0 = Clock::now();
   switch (how) {
@@ -647,20 +653,23 @@ void check_cancel(Phase phase, Cancel how) {
 }  // namespace
 
 TEST_CASE("openai cancel: client gone, in each phase") {
-  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled})
+  for (const UpstreamPhase p :
+       {UpstreamPhase::headers, UpstreamPhase::streaming, UpstreamPhase::stalled})
     check_cancel(p, Cancel::client_gone);
 }
 TEST_CASE("openai cancel: shutdown, in each phase; final events within 50 ms") {
-  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled})
+  for (const UpstreamPhase p :
+       {UpstreamPhase::headers, UpstreamPhase::streaming, UpstreamPhase::stalled})
     check_cancel(p, Cancel::shutdown);
 }
 TEST_CASE("openai cancel: forced shutdown, in each phase") {
-  for (const Phase p : {Phase::headers, Phase::streaming, Phase::stalled})
+  for (const UpstreamPhase p :
+       {UpstreamPhase::headers, UpstreamPhase::streaming, UpstreamPhase::stalled})
     check_cancel(p, Cancel::force);
 }
 
 TEST_CASE("openai cancel: grace deadline of a non-streaming request") {
-  ScriptedUpstream up(phase_script(Phase::stalled));
+  ScriptedUpstream up(phase_script(UpstreamPhase::stalled));
   auto o = test_options();
   o.grace_period = 200ms;
   auto srv = proxy_server(options_for(up), o);
@@ -680,10 +689,7 @@ TEST_CASE("openai cancel: grace deadline of a non-streaming request") {
 
 TEST_CASE("openai cancel: shutdown while still connecting is not delayed by connect_timeout") {
   ScriptedUpstream hang(nullptr, /*backlog_only=*/true);
-  OpenAIOptions o;
-  o.base_url = hang.url();
-  o.connect_timeout = 10000ms;
-  auto srv = proxy_server(o);
+  auto srv = proxy_server(hanging_connect_options(hang, 10000ms));
   RawClient c(srv->port());
   c.post_chat(chat_body("hi"));
   REQUIRE(c.read_headers());

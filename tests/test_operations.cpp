@@ -94,8 +94,7 @@ TEST_CASE("lame duck: /health says 503 at once, everything else is served, then 
   REQUIRE(open_stream.post_chat(demo_body("long", 100000, 20)));
   REQUIRE(open_stream.read_count("chat", 2));
   const auto t0 = Clock::now();
-  rs.server().shutdown();
-  REQUIRE(wait_until([&] { return rs.chat().is_shutting_down(); }, 1000ms));
+  rs.start_shutdown();
   {
     RawClient h(rs.port());
     REQUIRE(h.get("/health"));
@@ -136,8 +135,7 @@ TEST_CASE("lame duck: force_shutdown() during it ends it at once") {
   RawClient c(rs.port());
   REQUIRE(c.post_chat(demo_body("long", 100000, 20)));
   REQUIRE(c.read_count("chat", 1));
-  rs.server().shutdown();
-  REQUIRE(wait_until([&] { return rs.chat().is_shutting_down(); }, 1000ms));
+  rs.start_shutdown();
   const auto t0 = Clock::now();
   rs.server().force_shutdown();
   REQUIRE(rs.wait_returned(2000ms));

@@ -21,6 +21,17 @@ struct Seen {
   std::vector<agentsmithy::Message> messages;
   std::vector<bool> results;  // return values of send()/chat()
   std::vector<std::string> notes;
+
+  // Records a call: the request and the writer's dialog_id.
+  void record(const ChatRequest& req, StreamWriter& out) {
+    std::lock_guard<std::mutex> lock(mutex);
+    ++calls;
+    request_dialog_id = req.dialog_id;
+    writer_dialog_id = out.dialog_id();
+    context = req.context;
+    stream = req.stream;
+    messages = req.messages;
+  }
 };
 
 RawClient& stream_request(RawClient& c, int port, const json& body) {
@@ -37,15 +48,7 @@ TEST_CASE("stream: SSE headers, framing, dialog_id echoed on every event, done l
   auto seen = std::make_shared<Seen>();
   RunningServer rs(test_options(), [&](agentsmithy::Server& s) {
     s.chat_service().set_generator([seen](const ChatRequest& req, StreamWriter& out) {
-      {
-        std::lock_guard<std::mutex> lock(seen->mutex);
-        ++seen->calls;
-        seen->request_dialog_id = req.dialog_id;
-        seen->writer_dialog_id = out.dialog_id();
-        seen->context = req.context;
-        seen->stream = req.stream;
-        seen->messages = req.messages;
-      }
+      seen->record(req, out);
       const bool a = out.chat("Hello");
       const bool b = out.chat(", world");
       const bool c =
@@ -124,11 +127,7 @@ TEST_CASE("stream: a dialog_id is assigned when absent or null; context defaults
   auto seen = std::make_shared<Seen>();
   RunningServer rs(test_options(), [&](agentsmithy::Server& s) {
     s.chat_service().set_generator([seen](const ChatRequest& req, StreamWriter& out) {
-      std::lock_guard<std::mutex> lock(seen->mutex);
-      ++seen->calls;
-      seen->request_dialog_id = req.dialog_id;
-      seen->writer_dialog_id = out.dialog_id();
-      seen->context = req.context;
+      seen->record(req, out);
       out.chat("x");
     });
   });
@@ -265,25 +264,23 @@ TEST_CASE("stream: a throwing generator yields error{what()} then done") {
   REQUIRE(rs.ready());
 
   RawClient c;
-  SUBCASE("after one chunk") {
-    stream_request(c, rs.port(), chat_body("after one chunk"));
+  // Asks `how`: a well-formed stream of these event types.
+  const auto check_stream = [&](const std::string& how, const std::vector<std::string>& types) {
+    stream_request(c, rs.port(), chat_body(how));
     check_well_formed_stream(c);
-    CHECK(c.types() == std::vector<std::string>{"chat", "error", "done"});
+    CHECK(c.types() == types);
+  };
+  SUBCASE("after one chunk") {
+    check_stream("after one chunk", {"chat", "error", "done"});
     REQUIRE(c.events.size() == 3);
     CHECK(c.events[1]["error"] == "boom: the model fell over");
   }
   SUBCASE("before any event") {
-    stream_request(c, rs.port(), chat_body("at once"));
-    check_well_formed_stream(c);
-    CHECK(c.types() == std::vector<std::string>{"error", "done"});
+    check_stream("at once", {"error", "done"});
     REQUIRE(c.events.size() == 2);
     CHECK(c.events[0]["error"] == "no tokens today");
   }
-  SUBCASE("not a std::exception") {
-    stream_request(c, rs.port(), chat_body("int"));
-    check_well_formed_stream(c);
-    CHECK(c.types() == std::vector<std::string>{"error", "done"});
-  }
+  SUBCASE("not a std::exception") { check_stream("int", {"error", "done"}); }
   // and the server serves on
   auto cli = http_client(rs.port());
   auto res = cli->Get("/health");
@@ -402,16 +399,9 @@ TEST_CASE("non-streaming: stream:false answers one JSON object") {
 
 TEST_CASE(
     "bad input: each gets its status and a JSON error naming the problem; the server serves on") {
-  std::atomic<int> generator_calls{0};
   agentsmithy::Options o = test_options();
   o.max_body_bytes = 4096;
-  RunningServer rs(o, [&](agentsmithy::Server& s) {
-    s.chat_service().set_generator([&generator_calls](const ChatRequest&, StreamWriter& out) {
-      generator_calls.fetch_add(1);
-      out.chat("ok");
-    });
-  });
-  REQUIRE(rs.ready());
+  CountingServer rs(o);
 
   struct Case {
     std::string name;
@@ -542,12 +532,9 @@ TEST_CASE(
       CHECK(err.find(word) != std::string::npos);
     }
     // still serving
-    RawClient h(rs.port());
-    REQUIRE(h.get("/health"));
-    CHECK(h.read_response(5000ms));
-    CHECK(h.status == 200);
+    check_health(rs.port());
   }
-  CHECK(generator_calls.load() == 0);
+  CHECK(rs.calls() == 0);
 
   // and a good request still works at the end
   RawClient ok;
@@ -591,10 +578,7 @@ TEST_CASE("bad input: very deeply nested JSON neither crashes nor hangs the serv
     INFO(c.summary());
     CHECK((c.status == 400 || c.status == 422));  // refused as too deep, or content not a string
   }
-  RawClient h(rs.port());
-  REQUIRE(h.get("/health"));
-  CHECK(h.read_response(5000ms));
-  CHECK(h.status == 200);
+  check_health(rs.port());
 }
 
 TEST_CASE("bad input: a body over max_body_bytes gets 413 with a JSON error (httplib client)") {

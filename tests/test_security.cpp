@@ -8,13 +8,8 @@
 #include <fstream>
 
 using namespace test;
-using agentsmithy::ChatRequest;
-using agentsmithy::Server;
-using agentsmithy::StreamWriter;
 
 namespace {
-
-using Headers = std::vector<std::pair<std::string, std::string>>;
 
 // One request, written exactly as given (the Host header too), on a fresh
 // connection; waits for the whole response.
@@ -111,13 +106,6 @@ bool has_cors_headers(const RawClient& c) {
   return false;
 }
 
-agentsmithy::Generator counting_generator(std::atomic<int>& calls) {
-  return [&calls](const ChatRequest&, StreamWriter& out) {
-    calls.fetch_add(1);
-    out.chat("ok");
-  };
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -138,23 +126,16 @@ TEST_CASE("security: bound to 127.0.0.1 by default (the library and the example 
     REQUIRE(rs.ready());
     CHECK(listening_addresses(rs.port()) == std::vector<std::string>{"127.0.0.1"});
     if (other) CHECK(try_connect(*other, rs.port()) == ECONNREFUSED);
-    RawClient h(rs.port());
-    REQUIRE(h.get("/health"));
-    CHECK(h.read_response());
-    CHECK(h.status == 200);
+    check_health(rs.port());
   }
   SUBCASE("the example server without --host") {
     ServerProcess p({{"--port", "0"}, {}, "", false});
-    REQUIRE(p.started());
-    const int port = p.wait_ready();
+    const int port = p.require_ready();
     INFO(p.output());
-    REQUIRE(port > 0);
     CHECK(p.count("ready on 127.0.0.1:") == 1);
     CHECK(listening_addresses(port) == std::vector<std::string>{"127.0.0.1"});
     if (other) CHECK(try_connect(*other, port) == ECONNREFUSED);
-    p.signal(SIGTERM);
-    CHECK(p.wait_exit());
-    CHECK(p.exit_code() == 0);
+    check_exits_on_sigterm(p);
   }
 }
 
@@ -163,10 +144,7 @@ TEST_CASE("security: bound to 127.0.0.1 by default (the library and the example 
 // ---------------------------------------------------------------------------
 
 TEST_CASE("security: a loopback-bound server answers 403 to a foreign Host (DNS rebinding)") {
-  std::atomic<int> calls{0};
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_generator(counting_generator(calls)); });
-  REQUIRE(rs.ready());
+  CountingServer rs;
   const std::string p = std::to_string(rs.port());
   const std::string other_port = std::to_string(rs.port() == 65535 ? 1 : rs.port() + 1);
 
@@ -211,7 +189,7 @@ TEST_CASE("security: a loopback-bound server answers 403 to a foreign Host (DNS 
       CHECK_FALSE(has_cors_headers(*c));
     }
   }
-  CHECK(calls.load() == expected_calls);  // no refused request reached the generator
+  CHECK(rs.calls() == expected_calls);  // no refused request reached the generator
 }
 
 TEST_CASE("security: the Host guard applies only while bound to loopback") {
@@ -230,12 +208,9 @@ TEST_CASE("security: the Host guard applies only while bound to loopback") {
 // ---------------------------------------------------------------------------
 
 TEST_CASE("security: with auth_token, /api/* needs the bearer token (401); /health stays open") {
-  std::atomic<int> calls{0};
   agentsmithy::Options o = test_options();
   o.auth_token = "s3cret-T0ken_value";
-  RunningServer rs(o,
-                   [&](Server& s) { s.chat_service().set_generator(counting_generator(calls)); });
-  REQUIRE(rs.ready());
+  CountingServer rs(o);
   const std::string host = "127.0.0.1:" + std::to_string(rs.port());
   const std::string token = o.auth_token;
 
@@ -272,7 +247,7 @@ TEST_CASE("security: with auth_token, /api/* needs the bearer token (401); /heal
     CHECK(c->status != 200);
     CHECK(c->status >= 400);
   }
-  CHECK(calls.load() == 0);
+  CHECK(rs.calls() == 0);
 
   auto ok = exchange(rs.port(), "POST", "/api/chat",
                      with_host(host, {{"Authorization", "Bearer " + token}}), kChat);
@@ -282,7 +257,7 @@ TEST_CASE("security: with auth_token, /api/* needs the bearer token (401); /heal
                             R"({"messages":[{"role":"user","content":"hi"}],"stream":false})");
   INFO(collected->summary());
   CHECK(collected->status == 200);
-  CHECK(calls.load() == 2);
+  CHECK(rs.calls() == 2);
 
   auto health = exchange(rs.port(), "GET", "/health", with_host(host));
   INFO(health->summary());
@@ -308,10 +283,8 @@ TEST_CASE("security: agentsmithy-server takes AGENTSMITHY_TOKEN from the environ
   }
   CAPTURE(token);
   ServerProcess p(spec);
-  REQUIRE(p.started());
-  const int port = p.wait_ready();
+  const int port = p.require_ready();
   INFO(p.output());
-  REQUIRE(port > 0);
   CHECK(p.output().find(token) == std::string::npos);  // never logged
   const std::string host = "127.0.0.1:" + std::to_string(port);
 
@@ -326,24 +299,18 @@ TEST_CASE("security: agentsmithy-server takes AGENTSMITHY_TOKEN from the environ
   check_well_formed_stream(*ok);
   auto health = exchange(port, "GET", "/health", with_host(host));
   CHECK(health->status == 200);
-  p.signal(SIGTERM);
-  CHECK(p.wait_exit());
-  CHECK(p.exit_code() == 0);
+  check_exits_on_sigterm(p);
 }
 
 TEST_CASE("security: agentsmithy-server without AGENTSMITHY_TOKEN needs no token") {
   ServerProcess p({{"--port", "0"}, {}, "", false});
-  REQUIRE(p.started());
-  const int port = p.wait_ready();
+  const int port = p.require_ready();
   INFO(p.output());
-  REQUIRE(port > 0);
   auto ok =
       exchange(port, "POST", "/api/chat", with_host("localhost:" + std::to_string(port)), kChat);
   INFO(ok->summary());
   check_well_formed_stream(*ok);
-  p.signal(SIGTERM);
-  CHECK(p.wait_exit());
-  CHECK(p.exit_code() == 0);
+  check_exits_on_sigterm(p);
 }
 
 // ---------------------------------------------------------------------------
@@ -351,7 +318,6 @@ TEST_CASE("security: agentsmithy-server without AGENTSMITHY_TOKEN needs no token
 // ---------------------------------------------------------------------------
 
 TEST_CASE("security: CORS preflight for a listed origin; 403 for others") {
-  std::atomic<int> calls{0};
   agentsmithy::Options o = test_options();
   const std::string listed = "https://app.example.com";
   o.cors_origins = {listed, "http://localhost:3000"};
@@ -362,20 +328,19 @@ TEST_CASE("security: CORS preflight for a listed origin; 403 for others") {
     o.auth_token = "tok";
   }
   CAPTURE(with_token);
-  RunningServer rs(o,
-                   [&](Server& s) { s.chat_service().set_generator(counting_generator(calls)); });
-  REQUIRE(rs.ready());
+  CountingServer rs(o);
   const std::string host = "127.0.0.1:" + std::to_string(rs.port());
-  const Headers preflight_headers = {
-      {"Access-Control-Request-Method", "POST"},
-      {"Access-Control-Request-Headers", "content-type, authorization"}};
+  // A preflight for a POST with these headers, from `origin`.
+  const auto preflight = [&](const std::string& origin) {
+    return exchange(
+        rs.port(), "OPTIONS", "/api/chat",
+        with_host(host, {{"Access-Control-Request-Method", "POST"},
+                         {"Access-Control-Request-Headers", "content-type, authorization"},
+                         {"Origin", origin}}));
+  };
 
   // The listed origin: 204 with what the browser needs.
-  auto pre = exchange(rs.port(), "OPTIONS", "/api/chat", with_host(host, [&] {
-                        Headers h = preflight_headers;
-                        h.emplace_back("Origin", listed);
-                        return h;
-                      }()));
+  auto pre = preflight(listed);
   {
     INFO(pre->summary());
     CHECK(pre->status == 204);
@@ -392,11 +357,7 @@ TEST_CASE("security: CORS preflight for a listed origin; 403 for others") {
   for (const std::string origin : {"https://evil.example.com", "https://app.example.com.evil.com",
                                    "http://app.example.com", "null"}) {
     CAPTURE(origin);
-    auto bad = exchange(rs.port(), "OPTIONS", "/api/chat", with_host(host, [&] {
-                          Headers h = preflight_headers;
-                          h.emplace_back("Origin", origin);
-                          return h;
-                        }()));
+    auto bad = preflight(origin);
     INFO(bad->summary());
     CHECK(bad->status == 403);
     CHECK_FALSE(has_cors_headers(*bad));
@@ -435,10 +396,7 @@ TEST_CASE("security: CORS preflight for a listed origin; 403 for others") {
 }
 
 TEST_CASE("security: no CORS headers by default") {
-  std::atomic<int> calls{0};
-  RunningServer rs(test_options(),
-                   [&](Server& s) { s.chat_service().set_generator(counting_generator(calls)); });
-  REQUIRE(rs.ready());
+  CountingServer rs;
   CHECK(agentsmithy::Options{}.cors_origins.empty());
   const std::string host = "127.0.0.1:" + std::to_string(rs.port());
   const Headers origin = with_host(

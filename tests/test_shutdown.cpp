@@ -9,38 +9,47 @@ using agentsmithy::StreamWriter;
 
 namespace {
 
-// listen() on a thread of its own, for tests that need a bare Server.
-struct ListenThread {
-  explicit ListenThread(Server& s) : server(s) {
-    thread = std::thread([this] {
-      result.store(server.listen());
-      returned_at_ns.store(Clock::now().time_since_epoch().count());
-      returned.store(true);
-    });
-  }
-  ~ListenThread() {
-    if (thread.joinable()) {
-      if (!wait_until([&] { return returned.load(); }, 100ms)) server.shutdown();
-      if (!wait_until([&] { return returned.load(); }, 15000ms)) {
-        std::fprintf(stderr, "ListenThread: listen() does not return; abort\n");
-        std::_Exit(3);
-      }
-      thread.join();
-    }
-  }
-  bool wait(milliseconds timeout) {
-    return wait_until([&] { return returned.load(); }, timeout);
-  }
-  Clock::time_point returned_at() const {
-    return Clock::time_point(Clock::duration(returned_at_ns.load()));
-  }
-
-  Server& server;
-  std::thread thread;
-  std::atomic<bool> returned{false};
-  std::atomic<bool> result{false};
-  std::atomic<Clock::rep> returned_at_ns{0};
+// What a send_until_refused() generator did.
+struct SendCount {
+  std::atomic<std::size_t> sent{0};  // chat events send() accepted
+  std::atomic<bool> finished{false};
+  std::atomic<Clock::rep> finished_at{0};
 };
+
+// Sends `chunk` as chat events as fast as send() takes them, until it refuses
+// one or `limit` were sent, counting them in `st`.
+agentsmithy::Generator send_until_refused(std::shared_ptr<SendCount> st, std::string chunk,
+                                          std::size_t limit) {
+  return [st, chunk, limit](const ChatRequest&, StreamWriter& out) {
+    while (st->sent.load() < limit && out.chat(chunk)) st->sent.fetch_add(1);
+    st->finished_at.store(now_rep());
+    st->finished.store(true);
+  };
+}
+
+// A RunningServer whose generator is send_until_refused(st, chunk, limit).
+class FloodServer : public RunningServer {
+ public:
+  FloodServer(agentsmithy::Options o, std::string chunk, std::size_t limit)
+      : FloodServer(std::move(o), std::make_shared<SendCount>(), std::move(chunk), limit) {}
+  std::shared_ptr<SendCount> st;
+
+ private:
+  FloodServer(agentsmithy::Options o, std::shared_ptr<SendCount> count, std::string chunk,
+              std::size_t limit)
+      : RunningServer(std::move(o), with_generator(send_until_refused(count, chunk, limit))),
+        st(std::move(count)) {
+    REQUIRE(ready());
+  }
+};
+
+// test_options() with this write_timeout and grace_period.
+agentsmithy::Options write_and_grace(milliseconds write_timeout, milliseconds grace_period) {
+  agentsmithy::Options o = test_options();
+  o.write_timeout = write_timeout;
+  o.grace_period = grace_period;
+  return o;
+}
 
 }  // namespace
 
@@ -70,8 +79,7 @@ TEST_CASE(
   CHECK(rs.chat().is_shutting_down());
   CHECK(call_ms < 100.0);  // returns at once
 
-  CHECK(c.read_to_eof(5000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 5000ms);
   CHECK(c.types().front() == "chat_start");
   CHECK(c.count("chat") >= 3);
   CHECK(c.eof);
@@ -162,25 +170,16 @@ TEST_CASE(
   CHECK(rs.chat().active_streams() == 0);
 }
 
-TEST_CASE(
+TEST_CASE_FIXTURE(
+    StuckServer<400>,
     "shutdown rule 3: a stuck generator gets error+done promptly; listen() returns at the grace "
     "deadline") {
-  auto st = std::make_shared<StuckState>();
-  agentsmithy::Options o = test_options();
-  o.grace_period = 400ms;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_generator(stuck_generator(st)); });
-  StuckRelease release{st};
-  REQUIRE(rs.ready());
-
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  REQUIRE(c.read_events(1));
-  REQUIRE(wait_until([&] { return st->entered.load() == 1; }));
+  RawClient c;
+  open_stuck(c);
 
   const auto t0 = Clock::now();
   rs.server().shutdown();
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   CHECK(c.types() == std::vector<std::string>{"chat", "error", "done"});
   const double done_ms = ms_between(t0, c.done_at);
   note("stuck generator: done " + std::to_string(done_ms) + " ms after shutdown()");
@@ -200,12 +199,7 @@ TEST_CASE(
 
   // Destroy the Server, then let the generator go on: what it writes reaches
   // nobody, and what it touches (its StreamWriter) is still alive.
-  rs.destroy();
-  st->gate.open();
-  REQUIRE(wait_until([&] { return st->finished.load() == 1; }, 3000ms));
-  CHECK(st->late_cancelled.load() == 1);
-  CHECK(st->late_send_false.load() == 1);
-  CHECK(st->late_send_true.load() == 0);
+  destroy_then_release(1);
 }
 
 TEST_CASE("shutdown rule 4: a client that disconnects mid-stream is never written to again") {
@@ -290,26 +284,10 @@ TEST_CASE("shutdown rule 4: a client that disconnects mid-stream is never writte
 
 TEST_CASE(
     "a client that stops reading is dropped after write_timeout; it does not hold the drain") {
-  struct State {
-    std::atomic<std::size_t> sent{0};
-    std::atomic<bool> finished{false};
-    std::atomic<Clock::rep> finished_at_ns{0};
-  };
-  auto st = std::make_shared<State>();
-  agentsmithy::Options o = test_options();
-  o.write_timeout = 300ms;
-  o.grace_period = 600ms;
-  RunningServer rs(o, [&](Server& s) {
-    s.chat_service().set_generator([st](const ChatRequest&, StreamWriter& out) {
-      const std::string chunk(4096, 'x');
-      // as fast as it can; a stalled client must not make the server buffer
-      // without bound (the 200 MB cap here is the test's own safety net)
-      while (st->sent.load() < 50000 && out.chat(chunk)) st->sent.fetch_add(1);
-      st->finished_at_ns.store(Clock::now().time_since_epoch().count());
-      st->finished.store(true);
-    });
-  });
-  REQUIRE(rs.ready());
+  // a stalled client must not make the server buffer without bound (the 200 MB
+  // cap here is the test's own safety net)
+  FloodServer rs(write_and_grace(300ms, 600ms), std::string(4096, 'x'), 50000);
+  auto& st = rs.st;
   RawClient c(rs.port());
   const int small = 4096;
   ::setsockopt(c.fd(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
@@ -322,7 +300,7 @@ TEST_CASE(
   const auto t0 = Clock::now();
   if (via_shutdown) rs.server().shutdown();
   REQUIRE(wait_until([&] { return st->finished.load(); }, 5000ms));
-  const double ms = ms_between(t0, Clock::time_point(Clock::duration(st->finished_at_ns.load())));
+  const double ms = ms_between(t0, from_rep(st->finished_at.load()));
   note(std::string("stalled client") + (via_shutdown ? " at shutdown" : "") +
        ": generator stopped after " + std::to_string(ms) + " ms, " +
        std::to_string(st->sent.load()) + " chunks of 4 KB accepted");
@@ -340,22 +318,8 @@ TEST_CASE(
 
 TEST_CASE(
     "shutdown rule 5: a slow client with a backlog still gets everything, then error and done") {
-  struct State {
-    std::atomic<std::size_t> sent{0};  // chat events send() accepted
-    std::atomic<bool> finished{false};
-  };
-  auto st = std::make_shared<State>();
-  agentsmithy::Options o = test_options();
-  o.write_timeout = 5000ms;
-  o.grace_period = 3000ms;
-  RunningServer rs(o, [&](Server& s) {
-    s.chat_service().set_generator([st](const ChatRequest&, StreamWriter& out) {
-      const std::string chunk(1024, 'y');
-      while (st->sent.load() < 200000 && out.chat(chunk)) st->sent.fetch_add(1);
-      st->finished.store(true);
-    });
-  });
-  REQUIRE(rs.ready());
+  FloodServer rs(write_and_grace(5000ms, 3000ms), std::string(1024, 'y'), 200000);
+  auto& st = rs.st;
   RawClient c;
   REQUIRE(c.connect_to(rs.port(), 4096));
   REQUIRE(c.post_chat(chat_body("hi")));
@@ -493,9 +457,7 @@ TEST_CASE("shutdown: a connection accepted before the shutdown but without a req
   // design (1fc8ec0): a silent new connection gets a short window (50 ms) at
   // shutdown; a request that arrives in it is answered 503, otherwise the
   // connection is closed. Either way it does not hold the drain.
-  agentsmithy::Options o = test_options();
-  o.grace_period = 3000ms;
-  RunningServer rs(o);
+  RunningServer rs(test_options());  // grace period 3 s
   REQUIRE(rs.ready());
   RawClient raw(rs.port());
   REQUIRE(raw.connected());
@@ -536,20 +498,12 @@ TEST_CASE("shutdown: a connection accepted before the shutdown but without a req
   }
 }
 
-TEST_CASE(
+TEST_CASE_FIXTURE(
+    StuckServer<10000>,
     "shutdown rule 2: during the drain /health is 503 stopping, POST /api/chat 503 with "
     "Retry-After") {
-  auto st = std::make_shared<StuckState>();
-  agentsmithy::Options o = test_options();
-  o.grace_period = 10000ms;  // the stuck generator holds the drain open
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_generator(stuck_generator(st)); });
-  StuckRelease release{st};
-  REQUIRE(rs.ready());
-
-  RawClient stream(rs.port());
-  REQUIRE(stream.post_chat(chat_body("hi")));
-  REQUIRE(stream.read_events(1));
-  REQUIRE(wait_until([&] { return st->entered.load() == 1; }));
+  RawClient stream;  // its stuck generator holds the drain open (grace period 10 s)
+  open_stuck(stream);
   RawClient keep_alive(rs.port());  // idle keep-alive connection from before the shutdown
   REQUIRE(keep_alive.get("/health", true));
   REQUIRE(keep_alive.read_response());
@@ -557,8 +511,7 @@ TEST_CASE(
 
   const auto t0 = Clock::now();
   rs.server().shutdown();
-  CHECK(stream.read_to_eof(3000ms));
-  check_ended_by_shutdown(stream);
+  check_reads_to_shutdown_end(stream, 3000ms);
   keep_alive.next_response();
   CHECK(keep_alive.read_to_eof(1000ms));  // idle: closed during the drain
   CHECK_FALSE(rs.listen_returned());
@@ -721,8 +674,7 @@ TEST_CASE("capacity: more concurrent streams than cpp-httplib's default pool of 
   CHECK(wait_until([&] { return rs.chat().active_streams() == n; }, 2000ms));
   rs.server().shutdown();
   for (auto& c : clients) {
-    CHECK(c->read_to_eof(3000ms));
-    check_ended_by_shutdown(*c);
+    check_reads_to_shutdown_end(*c, 3000ms);
   }
 }
 
@@ -752,8 +704,7 @@ TEST_CASE("shutdown() from inside a generator") {
   REQUIRE(rs.ready());
   RawClient c(rs.port());
   REQUIRE(c.post_chat(chat_body("hi")));
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   CHECK(c.types() == std::vector<std::string>{"chat", "error", "done"});
   REQUIRE(rs.wait_returned(3000ms));
   CHECK(rs.listen_result());
@@ -834,8 +785,7 @@ TEST_CASE(
   REQUIRE(c.post_chat(chat_body("hi")));
   REQUIRE(c.read_events(2));
   rs.server().shutdown();
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   REQUIRE(rs.wait_returned(3000ms));
   CHECK(rs.listen_result());
 
@@ -868,27 +818,17 @@ TEST_CASE("shutdown() is idempotent and thread-safe") {
     });
   go.store(true);
   for (auto& t : threads) t.join();
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   REQUIRE(rs.wait_returned(3000ms));
   rs.server().shutdown();  // after listen() returned: harmless
   CHECK(hook_runs.load() == 1);
 }
 
-TEST_CASE("force_shutdown() closes what is left at once") {
-  auto st = std::make_shared<StuckState>();
-  agentsmithy::Options o = test_options();
-  o.grace_period = 10000ms;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_generator(stuck_generator(st)); });
-  StuckRelease release{st};
-  REQUIRE(rs.ready());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  REQUIRE(c.read_events(1));
-  REQUIRE(wait_until([&] { return st->entered.load() == 1; }));
+TEST_CASE_FIXTURE(StuckServer<10000>, "force_shutdown() closes what is left at once") {
+  RawClient c;
+  open_stuck(c);
   rs.server().shutdown();
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   CHECK_FALSE(rs.listen_returned());  // held by the stuck generator
   const auto t0 = Clock::now();
   rs.server().force_shutdown();
@@ -904,7 +844,7 @@ TEST_CASE("a Server serves once: a second listen() returns false") {
   SUBCASE("while the first is running") {
     ListenThread second(rs.server());
     CHECK(second.wait(2000ms));
-    CHECK_FALSE(second.result.load());
+    CHECK_FALSE(second.result());
     auto cli = http_client(rs.port());
     auto r = cli->Get("/health");
     REQUIRE(r);
@@ -915,7 +855,7 @@ TEST_CASE("a Server serves once: a second listen() returns false") {
     CHECK(rs.listen_result());
     ListenThread second(rs.server());  // on a thread: a wrong answer would block
     CHECK(second.wait(1000ms));
-    CHECK_FALSE(second.result.load());
+    CHECK_FALSE(second.result());
   }
 }
 
@@ -966,7 +906,7 @@ TEST_CASE("shutdown() before listen() makes listen() return promptly") {
   REQUIRE(lt.wait(2000ms));
   const double ms = ms_between(t0, lt.returned_at());
   note("shutdown() before listen(): listen() returned " +
-       std::string(lt.result.load() ? "true" : "false") + " after " + std::to_string(ms) + " ms");
+       std::string(lt.result() ? "true" : "false") + " after " + std::to_string(ms) + " ms");
   CHECK(ms < 1000.0);
 }
 

@@ -4,7 +4,6 @@
 #include <signal.h>
 
 using namespace test;
-using agentsmithy::Server;
 
 namespace {
 
@@ -44,8 +43,7 @@ TEST_CASE("signals: SIGINT or SIGTERM starts the graceful shutdown") {
   const auto t0 = Clock::now();
   REQUIRE(::kill(::getpid(), sig) == 0);
   CHECK(wait_until([&] { return rs.server().is_shutting_down(); }, 1000ms));
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   note(std::string(sig_name(sig)) + ": done " + std::to_string(ms_between(t0, c.done_at)) +
        " ms after the signal");
   CHECK(ms_between(t0, c.done_at) < 250.0);
@@ -58,7 +56,9 @@ TEST_CASE("signals: SIGINT or SIGTERM starts the graceful shutdown") {
   CHECK(rs.logs->contains(std::string("signal received: ") + sig_name(sig)));
 }
 
-TEST_CASE("signals: a second signal during the drain forces it; listen() returns within 200 ms") {
+TEST_CASE_FIXTURE(
+    StuckServer<10000>,
+    "signals: a second signal during the drain forces it; listen() returns within 200 ms") {
   int first = SIGINT, second = SIGINT;
   SUBCASE("SIGINT, SIGINT") {}
   SUBCASE("SIGTERM, SIGINT") { first = SIGTERM; }
@@ -66,18 +66,10 @@ TEST_CASE("signals: a second signal during the drain forces it; listen() returns
   CAPTURE(sig_name(first));
   CAPTURE(sig_name(second));
 
-  auto st = std::make_shared<StuckState>();
-  agentsmithy::Options o = test_options();
-  o.grace_period = 10000ms;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_generator(stuck_generator(st)); });
-  StuckRelease release{st};
-  REQUIRE(rs.ready());
   auto hook = agentsmithy::install_signal_handlers(rs.server());
 
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  REQUIRE(c.read_events(1));
-  REQUIRE(wait_until([&] { return st->entered.load() == 1; }));
+  RawClient c;
+  open_stuck(c);
   // a request still in flight (its body never completes): a remaining connection
   RawClient partial(rs.port());
   REQUIRE(partial.send_all(
@@ -87,8 +79,7 @@ TEST_CASE("signals: a second signal during the drain forces it; listen() returns
   const auto t1 = Clock::now();
   REQUIRE(::kill(::getpid(), first) == 0);
   REQUIRE(wait_until([&] { return rs.server().is_shutting_down(); }, 1000ms));
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   CHECK_FALSE(rs.listen_returned());  // the stuck generator holds the drain
   CHECK_FALSE(hook.forced());
 
@@ -106,25 +97,18 @@ TEST_CASE("signals: a second signal during the drain forces it; listen() returns
   CHECK(st->finished.load() == 0);     // the stuck generator is left to finish on its own
 }
 
-TEST_CASE("signals: a burst of signals within a millisecond is one shutdown, not a forced one") {
-  auto st = std::make_shared<StuckState>();
-  agentsmithy::Options o = test_options();
-  o.grace_period = 500ms;
-  RunningServer rs(o, [&](Server& s) { s.chat_service().set_generator(stuck_generator(st)); });
-  StuckRelease release{st};
-  REQUIRE(rs.ready());
+TEST_CASE_FIXTURE(
+    StuckServer<500>,
+    "signals: a burst of signals within a millisecond is one shutdown, not a forced one") {
   auto hook = agentsmithy::install_signal_handlers(rs.server());
-  RawClient c(rs.port());
-  REQUIRE(c.post_chat(chat_body("hi")));
-  REQUIRE(c.read_events(1));
-  REQUIRE(wait_until([&] { return st->entered.load() == 1; }));
+  RawClient c;
+  open_stuck(c);
 
   const auto t0 = Clock::now();
   REQUIRE(::kill(::getpid(), SIGINT) == 0);
   REQUIRE(::kill(::getpid(), SIGTERM) == 0);
   const double gap = ms_since(t0);
-  CHECK(c.read_to_eof(3000ms));
-  check_ended_by_shutdown(c);
+  check_reads_to_shutdown_end(c, 3000ms);
   REQUIRE(rs.wait_returned(3000ms));
   const double ms = ms_between(t0, rs.listen_returned_at());
   note("signal burst (" + std::to_string(gap) + " ms apart): listen() returned after " +

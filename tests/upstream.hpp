@@ -57,7 +57,7 @@ class ScriptedUpstream {
  public:
   struct Request {
     std::string method, path;
-    std::vector<std::pair<std::string, std::string>> headers;  // names lower-cased
+    Headers headers;  // names lower-cased
     std::string body;
     std::string header(const std::string& name) const {
       for (const auto& h : headers)
@@ -307,14 +307,7 @@ class ScriptedUpstream {
           std::getline(in, line);
           std::istringstream first(line);
           first >> out.method >> out.path;
-          while (std::getline(in, line)) {
-            if (!line.empty() && line.back() == '\r') line.pop_back();
-            const auto c = line.find(':');
-            if (c == std::string::npos) continue;
-            std::string v = line.substr(c + 1);
-            while (!v.empty() && v.front() == ' ') v.erase(0, 1);
-            out.headers.emplace_back(lower(line.substr(0, c)), v);
-          }
+          read_header_lines(in, out.headers);
           const std::string cl = out.header("content-length");
           need = head_end + 4 + (cl.empty() ? 0 : std::stoul(cl));
         }

@@ -33,6 +33,17 @@ function checkStates(server, expected) {
   return states;
 }
 
+// A fresh ROOT, the server launched for it, and, once it is ready, a POST
+// /api/chat stream asking `query`.
+async function serverWithStream(query) {
+  const root = await makeRoot();
+  const server = launch(root);
+  const { port } = await waitReady(server);
+  const { reader, res, text } = await openStream(port, { query });
+  check(reader, `POST /api/chat: ${res.status} ${text}`, server);
+  return { root, server, reader };
+}
+
 // ---------------------------------------------------------------------------
 // Launch and status.json
 // ---------------------------------------------------------------------------
@@ -248,11 +259,7 @@ test('GET /api/chat?message=...: the first event is {"type":"user","content":<th
 });
 
 test('fetch: a complete stream ends cleanly (done: true right after the done event)', async () => {
-  const root = await makeRoot();
-  const server = launch(root);
-  const { port } = await waitReady(server);
-  const { reader, res, text } = await openStream(port, { query: QUERY });
-  check(reader, `POST /api/chat: ${res.status} ${text}`, server);
+  const { server, reader } = await serverWithStream(QUERY);
   let events;
   try {
     events = await within(20000, reader.all(), 'the complete stream');
@@ -267,11 +274,7 @@ test('fetch: a complete stream ends cleanly (done: true right after the done eve
 });
 
 test('fetch: a server killed with SIGKILL mid-stream surfaces as an error thrown from the reader', async () => {
-  const root = await makeRoot();
-  const server = launch(root);
-  const { port } = await waitReady(server);
-  const { reader, res, text } = await openStream(port, { query: LONG });
-  check(reader, `POST /api/chat: ${res.status} ${text}`, server);
+  const { server, reader } = await serverWithStream(LONG);
   await within(20000, reader.until((e) => e.type === 'chat', 'a chat event'), 'the first chat event');
   await within(20000, reader.until((e) => e.type === 'chat', 'a second chat event'), 'a second chat event');
   server.signal('SIGKILL');
@@ -289,11 +292,7 @@ test('fetch: a server killed with SIGKILL mid-stream surfaces as an error thrown
 });
 
 test('SIGTERM mid-stream: the shutdown error, then done, then a clean end; exit 0; status.json stopped', async () => {
-  const root = await makeRoot();
-  const server = launch(root);
-  const { port } = await waitReady(server);
-  const { reader, res, text } = await openStream(port, { query: LONG });
-  check(reader, `POST /api/chat: ${res.status} ${text}`, server);
+  const { root, server, reader } = await serverWithStream(LONG);
   await within(20000, reader.until((e) => e.type === 'chat', 'a chat event'), 'the first chat event');
   server.signal('SIGTERM');
   let events;

@@ -573,52 +573,37 @@ void Runner::feed_body(Client& c, const char* p, std::size_t n) {
   }
   std::size_t i = 0;
   while (i < n && c.state == State::body) {
+    if (c.chunk == ChunkState::data) {
+      const std::size_t take = std::min(n - i, c.remaining);
+      feed_sse(c, p + i, take);
+      i += take;
+      c.remaining -= take;
+      if (c.remaining == 0) c.chunk = ChunkState::data_crlf;
+      continue;
+    }
+    // The other states read one line (a chunk's size, the CRLF after its
+    // data, a trailer): wait until all of it is there.
+    const char* nl = static_cast<const char*>(std::memchr(p + i, '\n', n - i));
+    if (!nl) {
+      c.in.assign(p + i, n - i);
+      return;
+    }
+    const std::string line(p + i, static_cast<std::size_t>(nl - (p + i)));
+    i = static_cast<std::size_t>(nl - p) + 1;
     switch (c.chunk) {
-      case ChunkState::size: {
-        const char* nl = static_cast<const char*>(std::memchr(p + i, '\n', n - i));
-        if (!nl) {
-          c.in.assign(p + i, n - i);
-          return;
-        }
-        std::string line(p + i, static_cast<std::size_t>(nl - (p + i)));
-        i = static_cast<std::size_t>(nl - p) + 1;
+      case ChunkState::size:
         c.remaining = std::strtoul(line.c_str(), nullptr, 16);
         c.chunk = c.remaining == 0 ? ChunkState::trailer : ChunkState::data;
         break;
-      }
-      case ChunkState::data: {
-        const std::size_t take = std::min(n - i, c.remaining);
-        feed_sse(c, p + i, take);
-        i += take;
-        c.remaining -= take;
-        if (c.remaining == 0) c.chunk = ChunkState::data_crlf;
-        break;
-      }
-      case ChunkState::data_crlf: {
-        const char* nl = static_cast<const char*>(std::memchr(p + i, '\n', n - i));
-        if (!nl) {
-          c.in.assign(p + i, n - i);
-          return;
-        }
-        i = static_cast<std::size_t>(nl - p) + 1;
-        c.chunk = ChunkState::size;
-        break;
-      }
-      case ChunkState::trailer: {
-        const char* nl = static_cast<const char*>(std::memchr(p + i, '\n', n - i));
-        if (!nl) {
-          c.in.assign(p + i, n - i);
-          return;
-        }
-        const bool empty = nl == p + i || (nl == p + i + 1 && p[i] == '\r');
-        i = static_cast<std::size_t>(nl - p) + 1;
-        if (empty) {
+      case ChunkState::data_crlf: c.chunk = ChunkState::size; break;
+      case ChunkState::trailer:
+        if (line.empty() || line == "\r") {  // the blank line that ends the body
           if (i < n) c.in.assign(p + i, n - i);
           response_done(c);
           return;
         }
         break;
-      }
+      case ChunkState::data: break;  // above
     }
   }
 }
@@ -935,34 +920,38 @@ int main(int argc, char** argv) {
     }
     if (i + 1 >= argc) usage(("missing value for " + a).c_str());
     const std::string v = argv[++i];
-    const auto num = [&](double lo, double hi) {
-      char* end = nullptr;
-      const double d = std::strtod(v.c_str(), &end);
-      if (v.empty() || *end != '\0' || d < lo || d > hi) usage(("bad value for " + a).c_str());
-      return d;
-    };
-    if (a == "--host")
+    if (a == "--host") {
       cfg.host = v;
-    else if (a == "--port")
-      cfg.port = static_cast<int>(num(1, 65535));
-    else if (a == "--clients")
-      cfg.clients = static_cast<int>(num(1, 20000));
-    else if (a == "--tokens")
-      cfg.tokens = static_cast<int>(num(1, 100000));
-    else if (a == "--interval-ms")
-      cfg.interval_ms = static_cast<int>(num(0, 60000));
-    else if (a == "--get-every")
-      cfg.get_every = static_cast<int>(num(0, 1000000));
-    else if (a == "--phases")
-      cfg.phases = static_cast<int>(num(1, 100));
-    else if (a == "--final-streams")
-      cfg.final_streams = static_cast<int>(num(1, 1000000));
-    else if (a == "--timeout")
-      cfg.timeout_s = num(1, 86400);
-    else if (a == "--stall")
-      cfg.stall_s = num(1, 86400);
-    else
-      usage(("unknown option " + a).c_str());
+      continue;
+    }
+    // The numeric options: where each goes, and its range.
+    struct Numeric {
+      const char* name;
+      int* integer;
+      double* real;
+      double lo, hi;
+    };
+    const Numeric numeric[] = {
+        {"--port", &cfg.port, nullptr, 1, 65535},
+        {"--clients", &cfg.clients, nullptr, 1, 20000},
+        {"--tokens", &cfg.tokens, nullptr, 1, 100000},
+        {"--interval-ms", &cfg.interval_ms, nullptr, 0, 60000},
+        {"--get-every", &cfg.get_every, nullptr, 0, 1000000},
+        {"--phases", &cfg.phases, nullptr, 1, 100},
+        {"--final-streams", &cfg.final_streams, nullptr, 1, 1000000},
+        {"--timeout", nullptr, &cfg.timeout_s, 1, 86400},
+        {"--stall", nullptr, &cfg.stall_s, 1, 86400},
+    };
+    const Numeric* option = nullptr;
+    for (const Numeric& n : numeric)
+      if (a == n.name) option = &n;
+    if (!option) usage(("unknown option " + a).c_str());
+    char* end = nullptr;
+    const double d = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0' || d < option->lo || d > option->hi)
+      usage(("bad value for " + a).c_str());
+    if (option->integer) *option->integer = static_cast<int>(d);
+    if (option->real) *option->real = d;
   }
   sockaddr_in probe{};
   if (::inet_pton(AF_INET, cfg.host.c_str(), &probe.sin_addr) != 1)

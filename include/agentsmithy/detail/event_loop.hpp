@@ -61,7 +61,12 @@ class EventLoop {
 
    private:
     friend class EventLoop;
-    Watch(int fd, OnReady on_ready) : fd_(fd), on_ready_(std::move(on_ready)) {}
+    Watch(int fd, OnReady on_ready) : fd_(fd), on_ready_(std::move(on_ready)) {
+      // Publishes the fields to the loop's thread, which epoll alone does not
+      // order for the memory model (nor for ThreadSanitizer): it reads
+      // retired_ with acquire before it calls on_ready_.
+      retired_.store(false, std::memory_order_release);
+    }
     const int fd_;
     const OnReady on_ready_;
     std::atomic<bool> retired_{false};  // unwatched: a late event for it is dropped
@@ -106,12 +111,13 @@ class EventLoop {
   // Stops watching; `w` is freed once no event batch can refer to it. Call
   // it before closing the descriptor: a closed one stays in the set while a
   // forked child holds a copy of it, and events would name a freed watch.
+  // Once per watch; a null one is ignored.
   void unwatch(Watch* w) {
     if (!w) return;
-    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w->fd_, nullptr);
     std::lock_guard<std::mutex> lock(mu_);
     const auto it = live_.find(w);
     if (it == live_.end()) return;
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w->fd_, nullptr);
     w->retired_ = true;
     retired_.push_back(std::move(it->second));
     live_.erase(it);
@@ -145,7 +151,7 @@ class EventLoop {
         waker_.drain();
         continue;
       }
-      if (!w->retired_.load(std::memory_order_relaxed)) w->on_ready_(events_[i].events);
+      if (!w->retired_.load(std::memory_order_acquire)) w->on_ready_(events_[i].events);
     }
     return !stopped_;
   }
