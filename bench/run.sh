@@ -12,7 +12,7 @@
 # once, and prints one table: the median of each figure for both, their
 # ratio, and the target.
 #
-#   bash bench/run.sh                 # the full run (8-10 minutes on 2 idle cores)
+#   bash bench/run.sh                 # the full run (about 12.5 minutes on 2 idle cores)
 #   BENCH_QUICK=1 bash bench/run.sh   # smaller N, one run each (about two minutes)
 #   BENCH_ONLY=upstream bash bench/run.sh   # one group (here issue 9's upstream)
 #
