@@ -97,6 +97,8 @@ enum class LogLevel { debug = 0, info = 1, warning = 2, error = 3 };
 // several threads; must be thread-safe.
 using Logger = std::function<void(LogLevel level, const std::string& message)>;
 
+class DialogStore;  // see the dialog store below
+
 struct Options {
   std::string host = "127.0.0.1";
   int port = 8765;  // 0 picks a free port; Server::port() tells which
@@ -145,6 +147,16 @@ struct Options {
   // What the host found wrong with its configuration (say, an upstream URL
   // that failed validation): /health reports config_valid false and these.
   std::vector<std::string> config_errors;
+  // Where dialogs and their turns are kept: with a store, the server serves
+  // AgentSmithy's dialogs API (/api/dialogs...), records every turn as its
+  // client receives it, and remembers a dialog's earlier turns; e.g.
+  // memory_store(). Empty: none of that (each chat stands alone).
+  std::shared_ptr<DialogStore> store;
+  // With a store: a chat request that names its dialog_id and whose messages
+  // are exactly one user message reaches the producer with the dialog's
+  // earlier turns (user and assistant texts, in order) before it; at most the
+  // last 50 turns and 256 KiB of their text.
+  bool dialog_memory = true;
 };
 
 }  // namespace agentsmithy
@@ -267,6 +279,101 @@ using StreamHandler = std::function<void(const ChatRequest&, std::shared_ptr<Str
 // plays it as a blocking Generator, one thread per stream.
 StreamHandler demo_stream_handler();
 void demo_generator(const ChatRequest& request, StreamWriter& out);
+
+}  // namespace agentsmithy
+// ---- include/agentsmithy/api/dialog_store.hpp
+namespace agentsmithy {
+
+// ===========================================================================
+// Dialog store: dialogs, and each turn's events as an append-only log
+// ===========================================================================
+
+// A dialog as AgentSmithy's API shows it. Times are ISO 8601 UTC
+// ("2026-12-07T11:09:20.123456Z").
+struct DialogInfo {
+  std::string id;
+  std::optional<std::string> title;  // null until named
+  std::string created_at;
+  std::string updated_at;  // bumped by every turn and by a rename
+};
+
+// How a turn ended; `running` while it streams.
+enum class TurnOutcome { running, completed, error, shutdown, client_gone, superseded };
+const char* turn_outcome_name(TurnOutcome outcome);
+
+// One turn: the user's message and what the assistant streamed, as an
+// append-only log. events[i] sits at position i (dense from 0): position 0 is
+// {"type":"user","content":...}; then the producer's events as sent
+// (without dialog_id): chat, reasoning*, tool_call, file_edit, and the
+// turn's error event if it ended with one.
+struct TurnRecord {
+  std::string turn_id;  // random, never sequential
+  std::string dialog_id;
+  TurnOutcome outcome = TurnOutcome::running;
+  std::string error_code;  // outcome error: the error event's "code"
+  std::string started_at, ended_at;
+  std::vector<nlohmann::json> events;
+};
+
+// Thrown by a store that cannot read or write (disk full, file removed,
+// locked, Redis down); the server keeps serving (see README, "Dialogs").
+struct StoreError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Where the server keeps dialogs and their turns. A host can implement it
+// over its own database; every method may be called from any thread,
+// concurrently. The server calls:
+//   - begin_turn() when a turn starts, before its `user` event is sent;
+//   - append() as the producer's events are sent (from the streams' threads:
+//     must not block for long; a store batches writes off that path);
+//   - end_turn() and then sync() before a turn's `done` reaches the client
+//     (sync: everything appended so far is durable);
+//   - the dialog methods for the REST API and for dialog_id resolution;
+//   - turns() for memory (the model's input) and for history.
+class DialogStore {
+ public:
+  virtual ~DialogStore() = default;
+
+  virtual std::vector<DialogInfo> list_dialogs() = 0;  // updated_at, newest first
+  virtual std::optional<DialogInfo> find_dialog(const std::string& id) = 0;
+  // Creates the dialog (an existing id: returned as it is).
+  virtual DialogInfo create_dialog(const std::string& id,
+                                   const std::optional<std::string>& title) = 0;
+  virtual std::optional<DialogInfo> rename_dialog(const std::string& id,
+                                                  const std::string& title) = 0;
+  // Removes the dialog and its turns; deleting the current dialog leaves none
+  // current. A running turn of a deleted dialog is dropped: its later
+  // append() and end_turn() are ignored.
+  virtual bool delete_dialog(const std::string& id) = 0;  // false: unknown
+  virtual std::optional<std::string> current_dialog() = 0;
+  // An unknown id throws std::invalid_argument.
+  virtual void set_current_dialog(const std::optional<std::string>& id) = 0;
+
+  // The turn log. `user_event` is position 0. An unknown dialog is created
+  // (AgentSmithy adopts unknown ids); a turn_id already used throws
+  // std::invalid_argument.
+  virtual void begin_turn(const std::string& dialog_id, const std::string& turn_id,
+                          const nlohmann::json& user_event) = 0;
+  // Events at positions first .. first + events.size() - 1. Positions the
+  // log already holds are skipped (a replay); a gap throws
+  // std::invalid_argument; an unknown turn is ignored.
+  virtual void append(const std::string& turn_id, std::uint64_t first,
+                      const std::vector<nlohmann::json>& events) = 0;
+  virtual void end_turn(const std::string& turn_id, TurnOutcome outcome,
+                        const std::string& error_code) = 0;  // the first end is final
+  virtual void sync() = 0;
+  // The dialog's turns in order, the last `max_turns` of them.
+  virtual std::vector<TurnRecord> turns(const std::string& dialog_id, std::size_t max_turns) = 0;
+  virtual std::optional<TurnRecord> turn(const std::string& turn_id) = 0;
+
+  // True when other processes share it (issue 18: hand-off at shutdown).
+  virtual bool shared() const { return false; }
+};
+
+// Keeps everything in this process, at most `max_bytes` of event text; the
+// dialogs updated longest ago are evicted first. The default store.
+std::shared_ptr<DialogStore> memory_store(std::size_t max_bytes = 64 << 20);
 
 }  // namespace agentsmithy
 // ---- include/agentsmithy/api/openai.hpp
@@ -1294,8 +1401,9 @@ struct Metrics {
     ++requests[{route, status}];
   }
 
-  // `now`: the lifecycle's phase (see Lifecycle).
-  std::string render(std::size_t active, Phase now) const {
+  // `now`: the lifecycle's phase (see Lifecycle); `store_errors`: the dialog
+  // store's failures (StoreHealth counts them).
+  std::string render(std::size_t active, Phase now, std::uint64_t store_errors = 0) const {
     std::string out;
     const auto gauge = [&](const std::string& name, const std::string& help) {
       out += "# HELP " + name + " " + help + "\n# TYPE " + name + " gauge\n";
@@ -1326,6 +1434,8 @@ struct Metrics {
                     "Time from a stream's admission to its end.");
     first_event.render(out, "agentsmithy_stream_first_event_seconds",
                        "Time from a stream's admission to its producer's first event.");
+    counter("agentsmithy_store_errors_total", "Dialog store operations that failed.");
+    out += "agentsmithy_store_errors_total " + std::to_string(store_errors) + "\n";
     gauge("agentsmithy_lifecycle_state", "The server's lifecycle state (1 for the current one).");
     for (const Phase s :
          {Phase::starting, Phase::ready, Phase::lame_duck, Phase::draining, Phase::stopped}) {
@@ -1770,6 +1880,909 @@ inline bool StatusFile::error(const std::string& message) {
 }  // namespace detail
 }  // namespace agentsmithy
 
+// Dialogs: the memory store, the history AgentSmithy's clients page through,
+// a turn's recording, the REST API.
+// ---- include/agentsmithy/dialogs/memory_store.hpp
+namespace agentsmithy {
+
+inline const char* turn_outcome_name(TurnOutcome outcome) {
+  switch (outcome) {
+    case TurnOutcome::running: return "running";
+    case TurnOutcome::completed: return "completed";
+    case TurnOutcome::error: return "error";
+    case TurnOutcome::shutdown: return "shutdown";
+    case TurnOutcome::client_gone: return "client_gone";
+    case TurnOutcome::superseded: return "superseded";
+  }
+  return "running";
+}
+
+namespace detail {
+
+// ===========================================================================
+// The memory dialog store (the default)
+// ===========================================================================
+
+// Everything under one mutex. Its size is the dumped JSON of every stored
+// event plus every title; past `max_bytes` the dialogs updated longest ago
+// are evicted (never the current one, nor one with a running turn).
+class MemoryDialogStore final : public DialogStore {
+ public:
+  explicit MemoryDialogStore(std::size_t max_bytes) : max_bytes_(max_bytes) {}
+
+  std::vector<DialogInfo> list_dialogs() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<DialogInfo> out;
+    out.reserve(dialogs_.size());
+    for (auto it = by_updated_.rbegin(); it != by_updated_.rend(); ++it) {
+      out.push_back(dialogs_.at(it->second).info);
+    }
+    return out;
+  }
+
+  std::optional<DialogInfo> find_dialog(const std::string& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = dialogs_.find(id);
+    if (it == dialogs_.end()) return std::nullopt;
+    return it->second.info;
+  }
+
+  DialogInfo create_dialog(const std::string& id,
+                           const std::optional<std::string>& title) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const DialogInfo info = create_locked(id, title).info;
+    enforce_bound_locked();
+    return info;
+  }
+
+  std::optional<DialogInfo> rename_dialog(const std::string& id,
+                                          const std::string& title) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = dialogs_.find(id);
+    if (it == dialogs_.end()) return std::nullopt;
+    Dialog& d = it->second;
+    const std::size_t old_size = d.info.title ? d.info.title->size() : 0;
+    d.info.title = title;
+    d.bytes = d.bytes - old_size + title.size();
+    bytes_ = bytes_ - old_size + title.size();
+    touch_locked(d);
+    const DialogInfo info = d.info;
+    enforce_bound_locked();
+    return info;
+  }
+
+  bool delete_dialog(const std::string& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = dialogs_.find(id);
+    if (it == dialogs_.end()) return false;
+    erase_locked(it);
+    return true;
+  }
+
+  std::optional<std::string> current_dialog() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return current_;
+  }
+
+  void set_current_dialog(const std::optional<std::string>& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (id && dialogs_.count(*id) == 0) {
+      throw std::invalid_argument("set_current_dialog: unknown dialog " + *id);
+    }
+    current_ = id;
+    enforce_bound_locked();  // the previous current one may go now
+  }
+
+  void begin_turn(const std::string& dialog_id, const std::string& turn_id,
+                  const nlohmann::json& user_event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (turns_.count(turn_id) != 0) {
+      throw std::invalid_argument("begin_turn: turn id already used: " + turn_id);
+    }
+    Dialog& d = create_locked(dialog_id, std::nullopt);
+    TurnRecord turn;
+    turn.turn_id = turn_id;
+    turn.dialog_id = dialog_id;
+    turn.started_at = next_stamp_locked();
+    turn.events.push_back(user_event);
+    const std::size_t size = dump_json(user_event).size();
+    turns_.emplace(turn_id, std::move(turn));
+    d.turn_ids.push_back(turn_id);
+    d.bytes += size;
+    bytes_ += size;
+    ++d.running;
+    touch_locked(d);
+    enforce_bound_locked();
+  }
+
+  void append(const std::string& turn_id, std::uint64_t first,
+              const std::vector<nlohmann::json>& events) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = turns_.find(turn_id);
+    if (it == turns_.end()) return;
+    TurnRecord& turn = it->second;
+    const std::uint64_t have = turn.events.size();
+    if (first > have) {
+      throw std::invalid_argument("append: position " + std::to_string(first) +
+                                  " leaves a gap after " + std::to_string(have));
+    }
+    std::size_t added = 0;
+    for (std::uint64_t i = have - first; i < events.size(); ++i) {
+      added += dump_json(events[i]).size();
+      turn.events.push_back(events[i]);
+    }
+    if (first + events.size() <= have) return;  // all of it a replay
+    Dialog& d = dialogs_.at(turn.dialog_id);
+    d.bytes += added;
+    bytes_ += added;
+    touch_locked(d);
+    enforce_bound_locked();
+  }
+
+  void end_turn(const std::string& turn_id, TurnOutcome outcome,
+                const std::string& error_code) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = turns_.find(turn_id);
+    if (it == turns_.end()) return;
+    TurnRecord& turn = it->second;
+    if (turn.outcome != TurnOutcome::running || outcome == TurnOutcome::running) return;
+    turn.outcome = outcome;
+    turn.error_code = outcome == TurnOutcome::error ? error_code : std::string();
+    turn.ended_at = next_stamp_locked();
+    Dialog& d = dialogs_.at(turn.dialog_id);
+    --d.running;
+    touch_locked(d);
+    enforce_bound_locked();
+  }
+
+  void sync() override {}
+
+  std::vector<TurnRecord> turns(const std::string& dialog_id, std::size_t max_turns) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<TurnRecord> out;
+    const auto it = dialogs_.find(dialog_id);
+    if (it == dialogs_.end()) return out;
+    const auto& ids = it->second.turn_ids;
+    const std::size_t n = std::min(max_turns, ids.size());
+    out.reserve(n);
+    for (std::size_t i = ids.size() - n; i < ids.size(); ++i) out.push_back(turns_.at(ids[i]));
+    return out;
+  }
+
+  std::optional<TurnRecord> turn(const std::string& turn_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = turns_.find(turn_id);
+    if (it == turns_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  // The bytes counted against the bound (for tests and metrics).
+  std::size_t bytes_used() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+
+ private:
+  struct Dialog {
+    DialogInfo info;
+    std::vector<std::string> turn_ids;
+    std::size_t bytes = 0;
+    int running = 0;
+  };
+  using DialogMap = std::unordered_map<std::string, Dialog>;
+
+  // A timestamp later than every earlier one, so that updated_at orders the
+  // dialogs totally even within one microsecond or if the clock steps back.
+  std::string next_stamp_locked() {
+    auto now =
+        std::chrono::time_point_cast<std::chrono::microseconds>(std::chrono::system_clock::now());
+    if (now <= last_stamp_) now = last_stamp_ + std::chrono::microseconds(1);
+    last_stamp_ = now;
+    return format_utc(now, 6, "Z");
+  }
+
+  void touch_locked(Dialog& d) {
+    by_updated_.erase(std::make_pair(d.info.updated_at, d.info.id));
+    d.info.updated_at = next_stamp_locked();
+    by_updated_.emplace(d.info.updated_at, d.info.id);
+  }
+
+  Dialog& create_locked(const std::string& id, const std::optional<std::string>& title) {
+    const auto it = dialogs_.find(id);
+    if (it != dialogs_.end()) return it->second;
+    Dialog d;
+    d.info.id = id;
+    d.info.title = title;
+    d.info.created_at = d.info.updated_at = next_stamp_locked();
+    d.bytes = title ? title->size() : 0;
+    bytes_ += d.bytes;
+    by_updated_.emplace(d.info.updated_at, id);
+    return dialogs_.emplace(id, std::move(d)).first->second;
+  }
+
+  void erase_locked(DialogMap::iterator it) {
+    Dialog& d = it->second;
+    for (const auto& turn_id : d.turn_ids) turns_.erase(turn_id);
+    by_updated_.erase(std::make_pair(d.info.updated_at, d.info.id));
+    bytes_ -= d.bytes;
+    if (current_ == d.info.id) current_.reset();
+    dialogs_.erase(it);
+  }
+
+  // Evicts the dialogs updated longest ago until the store fits, skipping the
+  // current one and those with a running turn.
+  // Still over (the current dialog, or one with a running turn, holds the
+  // bytes): their oldest ended turns go, so that no dialog grows the store
+  // past its bound.
+  void enforce_bound_locked() {
+    auto next = by_updated_.begin();
+    while (bytes_ > max_bytes_ && next != by_updated_.end()) {
+      const auto it = dialogs_.find((next++)->second);
+      if (it->second.running > 0 || current_ == it->first) continue;
+      erase_locked(it);  // `next` stays valid: only this dialog's entry goes
+    }
+    for (auto d = by_updated_.begin(); bytes_ > max_bytes_ && d != by_updated_.end(); ++d) {
+      Dialog& dialog = dialogs_.at(d->second);
+      auto& ids = dialog.turn_ids;
+      for (std::size_t k = 0; bytes_ > max_bytes_ && k < ids.size();) {
+        const auto turn = turns_.find(ids[k]);
+        if (turn->second.outcome == TurnOutcome::running) {
+          ++k;
+          continue;
+        }
+        std::size_t size = 0;
+        for (const nlohmann::json& e : turn->second.events) size += dump_json(e).size();
+        size = std::min(size, dialog.bytes);
+        dialog.bytes -= size;
+        bytes_ -= size;
+        turns_.erase(turn);
+        ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(k));
+      }
+    }
+  }
+
+  mutable std::mutex mu_;
+  const std::size_t max_bytes_;
+  std::size_t bytes_ = 0;
+  DialogMap dialogs_;
+  std::unordered_map<std::string, TurnRecord> turns_;
+  std::set<std::pair<std::string, std::string>> by_updated_;  // (updated_at, id), oldest first
+  std::optional<std::string> current_;
+  std::chrono::time_point<std::chrono::system_clock, std::chrono::microseconds> last_stamp_{};
+};
+
+}  // namespace detail
+
+inline std::shared_ptr<DialogStore> memory_store(std::size_t max_bytes) {
+  return std::make_shared<detail::MemoryDialogStore>(max_bytes);
+}
+
+}  // namespace agentsmithy
+// ---- include/agentsmithy/dialogs/history.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Dialogs and history as AgentSmithy's REST API shows them
+// ===========================================================================
+
+inline constexpr long long kDefaultHistoryLimit = 20;
+
+// {"id","title" (null until named),"created_at","updated_at"}
+inline json dialog_json(const DialogInfo& dialog) {
+  return json{{"id", dialog.id},
+              {"title", dialog.title ? json(*dialog.title) : json(nullptr)},
+              {"created_at", dialog.created_at},
+              {"updated_at", dialog.updated_at}};
+}
+
+// GET /api/dialogs: {"current_dialog_id": id or null, "dialogs": [...]}, in
+// the order given (the store's: updated_at, newest first).
+inline json dialog_list_json(const std::vector<DialogInfo>& dialogs,
+                             const std::optional<std::string>& current) {
+  json list = json::array();
+  for (const auto& d : dialogs) list.push_back(dialog_json(d));
+  return json{{"current_dialog_id", current ? json(*current) : json(nullptr)},
+              {"dialogs", std::move(list)}};
+}
+
+// One visible message (a user message, or an assistant text that is not
+// blank) with the events that go with it; events[visible] gets the idx.
+struct HistoryUnit {
+  std::vector<json> events;
+  std::size_t visible = 0;
+};
+
+inline const std::string& history_text(const json& event) {
+  static const std::string empty;
+  if (!event.is_object()) return empty;
+  const auto it = event.find("content");
+  return it != event.end() && it->is_string() ? it->get_ref<const std::string&>() : empty;
+}
+
+inline std::string history_type(const json& event) {
+  if (!event.is_object()) return {};
+  const auto it = event.find("type");
+  return it != event.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
+// Appends a turn's units: [user, ...] and, when the assistant's text is not
+// blank, [reasoning..., chat, tool_call/file_edit...]; with a blank text
+// the reasoning, tool_call and file_edit events join the user's unit.
+// `extras` counts the reasoning blocks, tool calls and file edits.
+inline void history_units(const TurnRecord& turn, std::vector<HistoryUnit>& units,
+                          std::size_t& extras) {
+  if (turn.events.empty()) return;
+  const json& stored_user = turn.events[0];
+  json user{{"type", "user"}, {"content", history_text(stored_user)}};
+  if (stored_user.is_object()) {
+    for (const char* key : {"checkpoint", "session"}) {
+      const auto it = stored_user.find(key);
+      if (it != stored_user.end() && !it->is_null()) user[key] = *it;
+    }
+  }
+
+  std::string text;
+  std::vector<json> reasoning, after;
+  bool in_reasoning = false;
+  std::string thought;
+  json model_name;
+  const auto close_reasoning = [&] {
+    if (in_reasoning && !thought.empty()) {
+      json block{{"type", "reasoning"}, {"content", thought}};
+      if (model_name.is_string()) block["model_name"] = model_name;
+      reasoning.push_back(std::move(block));
+    }
+    in_reasoning = false;
+    thought.clear();
+    model_name = nullptr;
+  };
+  for (std::size_t i = 1; i < turn.events.size(); ++i) {
+    const json& event = turn.events[i];
+    const std::string type = history_type(event);
+    if (type == "reasoning_start" || type == "reasoning") {
+      if (type == "reasoning_start") close_reasoning();
+      in_reasoning = true;
+      thought += history_text(event);
+      const auto name = event.find("model_name");
+      if (name != event.end() && name->is_string()) model_name = *name;
+      continue;
+    }
+    close_reasoning();  // reasoning_end, or any other event, ends a block
+    if (type == "chat") {
+      text += history_text(event);
+    } else if (type == "tool_call" || type == "file_edit") {
+      json copy = event;
+      copy.erase("dialog_id");
+      after.push_back(std::move(copy));
+    }
+  }
+  close_reasoning();
+  extras += reasoning.size() + after.size();
+
+  HistoryUnit user_unit;
+  user_unit.events.push_back(std::move(user));
+  const bool chat_visible = std::any_of(text.begin(), text.end(), [](char c) {
+    return !std::isspace(static_cast<unsigned char>(c));
+  });
+  if (!chat_visible) {
+    for (auto& e : reasoning) user_unit.events.push_back(std::move(e));
+    for (auto& e : after) user_unit.events.push_back(std::move(e));
+    units.push_back(std::move(user_unit));
+    return;
+  }
+  units.push_back(std::move(user_unit));
+
+  HistoryUnit chat_unit;
+  for (auto& e : reasoning) chat_unit.events.push_back(std::move(e));
+  json chat{{"type", "chat"}, {"content", std::move(text)}};
+  if (turn.outcome != TurnOutcome::completed) {
+    chat["outcome"] = turn_outcome_name(turn.outcome);
+    if (turn.outcome == TurnOutcome::error && !turn.error_code.empty()) {
+      chat["outcome_code"] = turn.error_code;
+    }
+  }
+  chat_unit.visible = chat_unit.events.size();
+  chat_unit.events.push_back(std::move(chat));
+  for (auto& e : after) chat_unit.events.push_back(std::move(e));
+  units.push_back(std::move(chat_unit));
+}
+
+// GET /api/dialogs/{id}/history: AgentSmithy's page of the dialog's visible
+// messages (user and non-blank assistant texts), `limit` of them (default
+// 20) before the exclusive cursor `before` (clamped to their count), or the
+// last ones. Callers reject a limit below 1 and a negative before.
+inline json history_page(const std::string& dialog_id, const std::vector<TurnRecord>& turns,
+                         std::optional<long long> limit, std::optional<long long> before) {
+  std::vector<HistoryUnit> units;
+  std::size_t extras = 0;
+  for (const auto& turn : turns) history_units(turn, units, extras);
+
+  const std::size_t n = units.size();
+  const std::size_t l =
+      static_cast<std::size_t>(std::max(0LL, limit.value_or(kDefaultHistoryLimit)));
+  std::size_t end = n;
+  if (before) end = std::min(n, static_cast<std::size_t>(std::max(0LL, *before)));
+  const std::size_t start = end > l ? end - l : 0;
+
+  json events = json::array();
+  for (std::size_t u = start; u < end; ++u) {
+    for (std::size_t i = 0; i < units[u].events.size(); ++i) {
+      json& event = units[u].events[i];
+      if (i == units[u].visible) event["idx"] = u;
+      events.push_back(std::move(event));
+    }
+  }
+  const bool empty = start == end;
+  return json{{"dialog_id", dialog_id},         {"events", std::move(events)},
+              {"total_events", n + extras},     {"has_more", start > 0},
+              {"first_idx", empty ? 0 : start}, {"last_idx", empty ? 0 : end - 1}};
+}
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/dialogs/turn_log.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// Turn log: what a stream's client is sent, recorded in the dialog store
+// ===========================================================================
+
+// The store's health as /health (store_ok) and /metrics
+// (agentsmithy_store_errors_total) show it. A failure is logged at most once
+// a minute; the server keeps serving.
+class StoreHealth {
+ public:
+  explicit StoreHealth(std::function<void(const std::string&)> warn) : warn_(std::move(warn)) {}
+
+  void failed(const std::string& what, const std::exception& e) {
+    ok_ = false;
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    const auto now = Clock::now().time_since_epoch().count();
+    auto last = last_log_.load();
+    const auto minute =
+        std::chrono::duration_cast<Clock::duration>(std::chrono::minutes(1)).count();
+    if ((last == 0 || now - last >= minute) && last_log_.compare_exchange_strong(last, now)) {
+      warn_("dialog store: " + what + " failed: " + e.what() +
+            " (streams go on; logged at most once a minute)");
+    }
+  }
+  void succeeded() {
+    if (!ok_.load(std::memory_order_relaxed)) ok_ = true;
+  }
+  bool ok() const { return ok_.load(); }
+  std::uint64_t errors() const { return errors_.load(); }
+
+ private:
+  const std::function<void(const std::string&)> warn_;
+  std::atomic<bool> ok_{true};
+  std::atomic<std::uint64_t> errors_{0};
+  std::atomic<Clock::rep> last_log_{0};
+};
+
+// One turn's recording. The hub calls it under the turn's channel lock, so
+// the log has the client's events in the client's order: an event is
+// recorded before its bytes are queued, and the outcome (with a sync) before
+// `done` is. A store failure is counted and the stream goes on unrecorded.
+class TurnLog {
+ public:
+  TurnLog(std::shared_ptr<DialogStore> store, StoreHealth& health, std::string dialog_id,
+          std::string turn_id)
+      : store_(std::move(store)),
+        health_(health),
+        dialog_id_(std::move(dialog_id)),
+        turn_id_(std::move(turn_id)) {}
+
+  const std::string& turn_id() const { return turn_id_; }
+  DialogStore* store() const { return store_.get(); }
+  bool ended() const { return ended_; }
+
+  // Position 0: the user's message. False (and nothing more is recorded)
+  // when the store fails.
+  bool begin(const std::string& user_text) {
+    return attempt("begin_turn", [&] {
+      store_->begin_turn(dialog_id_, turn_id_, json{{"type", "user"}, {"content", user_text}});
+    });
+  }
+
+  // The producer's events, as sent (without dialog_id), done excluded.
+  void record(const json* events, std::size_t count) {
+    if (ended_ || broken_ || count == 0) return;
+    std::vector<json> batch;
+    batch.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto type = events[i].find("type");
+      if (type != events[i].end() && *type == "done") continue;
+      json e = events[i];
+      e.erase("dialog_id");
+      batch.push_back(std::move(e));
+    }
+    if (batch.empty()) return;
+    const std::uint64_t first = next_;
+    next_ += batch.size();
+    attempt("append", [&] { store_->append(turn_id_, first, batch); });
+  }
+
+  // The outcome, once. `sync`: durable before returning (before `done` is
+  // queued for the client).
+  void end(TurnOutcome outcome, const std::string& code, bool sync) {
+    if (ended_) return;
+    ended_ = true;
+    if (broken_) return;
+    attempt("end_turn", [&] {
+      store_->end_turn(turn_id_, outcome, code);
+      if (sync) store_->sync();
+    });
+  }
+  void sync() {
+    if (!broken_) attempt("sync", [&] { store_->sync(); });
+  }
+
+ private:
+  template <class F>
+  bool attempt(const char* what, F&& f) {
+    try {
+      f();
+      health_.succeeded();
+      return true;
+    } catch (const std::exception& e) {
+      broken_ = true;
+      health_.failed(std::string(what) + " for dialog " + dialog_id_, e);
+      return false;
+    }
+  }
+
+  const std::shared_ptr<DialogStore> store_;
+  StoreHealth& health_;
+  const std::string dialog_id_, turn_id_;
+  std::uint64_t next_ = 1;  // 0 is the user's message
+  bool ended_ = false;
+  bool broken_ = false;  // the store failed: the rest of the turn is not recorded
+};
+
+// The outcome an error event gives its turn: its code.
+inline std::string error_code_of(const json& event) {
+  const auto code = event.find("code");
+  return code != event.end() && code->is_string() ? code->get<std::string>() : std::string();
+}
+
+// ---------------------------------------------------------------------------
+// Memory: a dialog's earlier turns as the model's input
+// ---------------------------------------------------------------------------
+
+// The bound on what memory prepends to a request: the last kMemoryTurns
+// turns, and of those only the newest that fit in kMemoryBytes of text.
+inline constexpr std::size_t kMemoryTurns = 50;
+inline constexpr std::size_t kMemoryBytes = 256 * 1024;
+
+// The user and assistant texts of `turns`, in order: the user's message,
+// then the assistant's chat text (a cut answer as the user saw it) when any.
+inline std::vector<Message> memory_messages(const std::vector<TurnRecord>& turns) {
+  std::vector<std::vector<Message>> per_turn;
+  for (const TurnRecord& t : turns) {
+    std::vector<Message> messages;
+    std::string assistant;
+    for (const json& e : t.events) {
+      const auto type = e.find("type");
+      const auto content = e.find("content");
+      if (type == e.end() || content == e.end() || !content->is_string()) continue;
+      if (*type == "user") {
+        messages.push_back(Message{"user", content->get<std::string>()});
+      } else if (*type == "chat") {
+        assistant += content->get_ref<const std::string&>();
+      }
+    }
+    if (!assistant.empty()) messages.push_back(Message{"assistant", std::move(assistant)});
+    per_turn.push_back(std::move(messages));
+  }
+  // The newest turns that fit.
+  std::size_t bytes = 0, first = per_turn.size();
+  while (first > 0) {
+    std::size_t size = 0;
+    for (const Message& m : per_turn[first - 1]) size += m.content.size();
+    if (bytes + size > kMemoryBytes) break;
+    bytes += size;
+    --first;
+  }
+  std::vector<Message> out;
+  for (std::size_t i = first; i < per_turn.size(); ++i) {
+    for (Message& m : per_turn[i]) out.push_back(std::move(m));
+  }
+  return out;
+}
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/http/dialogs_api.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// AgentSmithy's dialogs REST API (/api/dialogs...)
+// ===========================================================================
+
+// There is always a current dialog (AgentSmithy's clients need one): the
+// current one if it still exists, else the most recently updated, else a new
+// one. The caller holds Core::current_dialog_mu.
+inline std::string ensure_current_dialog(DialogStore& store) {
+  if (const auto current = store.current_dialog(); current && store.find_dialog(*current)) {
+    return *current;
+  }
+  const auto dialogs = store.list_dialogs();
+  const std::string id =
+      dialogs.empty() ? store.create_dialog(new_dialog_id(), std::nullopt).id : dialogs[0].id;
+  store.set_current_dialog(id);
+  return id;
+}
+
+// One handler per route; the front end registers them (the /current routes
+// before the {id} ones, whose id is req.matches[1]) and applies the Host
+// guard, auth, CORS and drain rules. Every answer is JSON; a StoreError
+// becomes 503 "store_unavailable".
+class DialogsApi {
+ public:
+  static constexpr std::size_t kMaxTitleBytes = 1024;
+
+  // `current_mu`: held while the current dialog is read and maybe created,
+  // shared with the chat route (Core::current_dialog_mu); `health`: where a
+  // store failure is counted and logged.
+  DialogsApi(std::shared_ptr<DialogStore> store, std::mutex& current_mu, StoreHealth& health)
+      : store_(std::move(store)), current_mu_(current_mu), health_(health) {}
+
+  // Makes sure a current dialog exists: the current one if it still exists,
+  // else the most recently updated dialog, else a new one.
+  void ensure_current_dialog() { (void)current_id(); }
+
+  // GET /api/dialogs
+  void list_dialogs(const httplib::Request&, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string current = current_id();
+      reply(res, 200, dialog_list_json(store_->list_dialogs(), current));
+    });
+  }
+
+  // POST /api/dialogs, body {} or {"title": ..., "set_current": bool}
+  void create_dialog(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      json body = json::object();
+      if (!req.body.empty() && !parse_body(req.body, body, res)) return;
+      std::optional<std::string> title;
+      if (const auto it = body.find("title"); it != body.end() && !it->is_null()) {
+        std::string error;
+        title = valid_title(*it, error);
+        if (!title) return fail(res, 422, error);
+      }
+      bool set_current = true;
+      if (const auto it = body.find("set_current"); it != body.end()) {
+        if (!it->is_boolean()) return fail(res, 422, "set_current: must be a boolean");
+        set_current = it->get<bool>();
+      }
+      std::string id = new_dialog_id();
+      while (store_->find_dialog(id)) id = new_dialog_id();
+      const DialogInfo dialog = store_->create_dialog(id, title);
+      if (set_current) {
+        std::lock_guard<std::mutex> lock(current_mu_);
+        store_->set_current_dialog(dialog.id);
+      }
+      reply(res, 200, dialog_json(dialog));
+    });
+  }
+
+  // GET /api/dialogs/current: {"id": ..., "meta": {the dialog}}
+  void get_current(const httplib::Request&, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string id = current_id();
+      const auto dialog = store_->find_dialog(id);
+      json body{{"id", id}};
+      if (dialog) body["meta"] = dialog_json(*dialog);
+      reply(res, 200, body);
+    });
+  }
+
+  // PATCH /api/dialogs/current?id=ID
+  void set_current(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      if (!req.has_param("id")) return fail(res, 422, "id: query parameter required");
+      const std::string id = req.get_param_value("id");
+      if (!valid_dialog_id(id)) return fail(res, 422, kBadId);
+      std::lock_guard<std::mutex> lock(current_mu_);
+      if (!store_->find_dialog(id)) return not_found(res, id);
+      try {
+        store_->set_current_dialog(id);
+      } catch (const std::invalid_argument&) {  // deleted meanwhile
+        return not_found(res, id);
+      }
+      reply(res, 200, json{{"ok", true}, {"id", id}});
+    });
+  }
+
+  // GET /api/dialogs/{id}
+  void get_dialog(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string id = path_id(req);
+      if (!valid_dialog_id(id)) return fail(res, 422, kBadId);
+      const auto dialog = store_->find_dialog(id);
+      if (!dialog) return not_found(res, id);
+      reply(res, 200, dialog_json(*dialog));
+    });
+  }
+
+  // PATCH /api/dialogs/{id}, body {"title": "..."}: answers the dialog.
+  void patch_dialog(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string id = path_id(req);
+      if (!valid_dialog_id(id)) return fail(res, 422, kBadId);
+      json body;
+      if (!parse_body(req.body, body, res)) return;
+      const auto it = body.find("title");
+      if (it == body.end()) return fail(res, 422, "title: field required");
+      std::string error;
+      const auto title = valid_title(*it, error);
+      if (!title) return fail(res, 422, error);
+      const auto dialog = store_->rename_dialog(id, *title);
+      if (!dialog) return not_found(res, id);
+      reply(res, 200, dialog_json(*dialog));
+    });
+  }
+
+  // DELETE /api/dialogs/{id}: {"ok": true, "current_dialog_id": ...}; a
+  // deleted current dialog is replaced by the most recent one, or a new one.
+  void delete_dialog(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string id = path_id(req);
+      if (!valid_dialog_id(id)) return fail(res, 422, kBadId);
+      if (!store_->delete_dialog(id)) return not_found(res, id);
+      const std::string current = current_id();
+      reply(res, 200, json{{"ok", true}, {"current_dialog_id", current}});
+    });
+  }
+
+  // GET /api/dialogs/{id}/history?limit=L&before=B
+  void history(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string id = path_id(req);
+      if (!valid_dialog_id(id)) return fail(res, 422, kBadId);
+      std::optional<long long> limit, before;
+      if (req.has_param("limit")) {
+        limit = parse_integer(req.get_param_value("limit"));
+        if (!limit || *limit < 1) return fail(res, 422, "limit: must be a positive integer");
+      }
+      if (req.has_param("before")) {
+        before = parse_integer(req.get_param_value("before"));
+        if (!before || *before < 0) {
+          return fail(res, 422, "before: must be a non-negative integer");
+        }
+      }
+      if (!store_->find_dialog(id)) return not_found(res, id);
+      const auto turns = store_->turns(id, static_cast<std::size_t>(-1));
+      reply(res, 200, history_page(id, turns, limit, before));
+    });
+  }
+
+  // GET /api/dialogs/{id}/session: no checkpoints here, so nothing to approve.
+  void session(const httplib::Request& req, httplib::Response& res) {
+    guarded(res, [&] {
+      const std::string id = path_id(req);
+      if (!valid_dialog_id(id)) return fail(res, 422, kBadId);
+      if (!store_->find_dialog(id)) return not_found(res, id);
+      reply(res, 200, json{{"has_unapproved", false}, {"changed_files", json::array()}});
+    });
+  }
+
+ private:
+  static constexpr const char* kBadId = "id: must be 1 to 128 characters of [A-Za-z0-9_-]";
+
+  // The current dialog's id, made to exist (see ensure_current_dialog).
+  std::string current_id() {
+    std::lock_guard<std::mutex> lock(current_mu_);
+    return detail::ensure_current_dialog(*store_);
+  }
+
+  // A store failure is logged (at most once a minute) and counted, and the
+  // client gets 503 store_unavailable with nothing of the store's message.
+  template <typename F>
+  void guarded(httplib::Response& res, F&& handler) {
+    try {
+      handler();
+      health_.succeeded();
+    } catch (const StoreError& e) {
+      health_.failed("the dialogs API", e);
+      res.status = 503;
+      res.set_header("Retry-After", "1");
+      res.set_content(error_body("The dialog store is unavailable", "store_unavailable"),
+                      "application/json");
+    }
+  }
+
+  static void reply(httplib::Response& res, int status, const json& body) {
+    res.status = status;
+    res.set_content(dump_json(body), "application/json");
+  }
+
+  static void fail(httplib::Response& res, int status, const std::string& message) {
+    res.status = status;
+    res.set_content(error_body(message), "application/json");
+  }
+
+  static void not_found(httplib::Response& res, const std::string& id) {
+    fail(res, 404, "Dialog not found: " + id);
+  }
+
+  static std::string path_id(const httplib::Request& req) {
+    return req.matches.size() > 1 ? req.matches[1].str() : std::string();
+  }
+
+  // A JSON object body, or false after answering 400/422.
+  static bool parse_body(const std::string& text, json& out, httplib::Response& res) {
+    if (json_nesting_depth(text) > kMaxJsonDepth) {
+      fail(res, 400,
+           "Invalid JSON: nested deeper than " + std::to_string(kMaxJsonDepth) + " levels");
+      return false;
+    }
+    if (text.find('\0') != std::string::npos) {
+      fail(res, 400, "Invalid JSON: the body contains a NUL byte");
+      return false;
+    }
+    try {
+      out = json::parse(text);
+    } catch (const json::exception& e) {
+      fail(res, 400, std::string("Invalid JSON: ") + e.what());
+      return false;
+    }
+    if (!out.is_object()) {
+      fail(res, 422, "body: must be a JSON object");
+      return false;
+    }
+    return true;
+  }
+
+  // A title trimmed of surrounding whitespace, non-empty, at most
+  // kMaxTitleBytes; or nullopt with `error` naming the problem.
+  static std::optional<std::string> valid_title(const json& value, std::string& error) {
+    if (!value.is_string()) {
+      error = "title: must be a string";
+      return std::nullopt;
+    }
+    const std::string& raw = value.get_ref<const std::string&>();
+    const auto space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+    const auto first = std::find_if_not(raw.begin(), raw.end(), space);
+    const auto last = std::find_if_not(raw.rbegin(), raw.rend(), space).base();
+    if (first >= last) {
+      error = "title: must not be empty";
+      return std::nullopt;
+    }
+    if (static_cast<std::size_t>(last - first) > kMaxTitleBytes) {
+      error = "title: longer than " + std::to_string(kMaxTitleBytes) + " bytes";
+      return std::nullopt;
+    }
+    return std::string(first, last);
+  }
+
+  // A decimal integer (optional leading '-') that fits a long long.
+  static std::optional<long long> parse_integer(const std::string& text) {
+    const std::size_t digits = !text.empty() && text[0] == '-' ? 1 : 0;
+    if (digits == text.size()) return std::nullopt;
+    for (std::size_t j = digits; j < text.size(); ++j) {
+      if (text[j] < '0' || text[j] > '9') return std::nullopt;
+    }
+    try {
+      return std::stoll(text);
+    } catch (const std::out_of_range&) {
+      return std::nullopt;
+    }
+  }
+
+  std::shared_ptr<DialogStore> store_;
+  // Serializes the choice of a current dialog, so that two requests never
+  // both create a default one.
+  std::mutex& current_mu_;
+  StoreHealth& health_;
+};
+
+}  // namespace detail
+}  // namespace agentsmithy
+
 // A chat request's path: its channel and the hub that owns every stream's
 // socket; the threads that serve connections and the room where idle ones
 // wait; the server's shared state; the HTTP front end on cpp-httplib.
@@ -1831,6 +2844,8 @@ struct Channel {
   // on_cancel callbacks; `cancel_due` once a cancellation (not a normal end)
   // happened, `cancel_fired` once they were taken to run.
   std::vector<std::function<void()>> cancel_callbacks;
+  // The turn's recording in the dialog store (none: not recorded).
+  std::unique_ptr<TurnLog> turn;
   bool cancel_due = false;
   bool cancel_fired = false;
 
@@ -1932,6 +2947,9 @@ class StreamHub {
   std::size_t write_shutdown_tails(const std::vector<std::shared_ptr<Channel>>& ending);
   // The grace deadline: closes whatever is left. Returns how many.
   std::size_t close_all();
+  // A newer turn of the same dialog started: this one ends with an error
+  // (code "superseded") then done, and its producer is cancelled.
+  void supersede(Channel& ch);
   std::size_t active() const { return count_.load(); }
 
  private:
@@ -1952,6 +2970,8 @@ class StreamHub {
   void on_socket_event(Channel& ch, std::uint32_t events);
 
   void append_locked(Channel& ch, std::string_view bytes);
+  void record_locked(Channel& ch, const json* events, std::size_t count, bool from_producer);
+  void record_shutdown_locked(Channel& ch);
   Flow queue_locked(Channel& ch, std::string_view bytes);
   Flow finish_locked(Channel& ch, const std::optional<json>& error, Channel::Leftovers& left);
   // `wake`: notify whoever waits on the channel if it closes. `close_ended`:
@@ -2078,6 +3098,7 @@ inline void StreamHub::forget(Channel& ch) {
                             : ch.ended           ? Outcome::completed
                                                  : Outcome::client_gone;
     metrics_.count_stream_end(outcome, Clock::now() - ch.opened);
+    if (ch.turn && !ch.turn->ended()) ch.turn->end(TurnOutcome::client_gone, {}, false);
   }
   // Only the last one matters to a drain waiting for zero.
   if (--count_ == 0) on_count_change_();
@@ -2209,6 +3230,14 @@ inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view byt
   return flush_locked(ch);
 }
 
+// The shutdown's error event and outcome in the turn's log (synced by the caller).
+inline void StreamHub::record_shutdown_locked(Channel& ch) {
+  if (!ch.turn || ch.turn->ended()) return;
+  const json error = shutdown_error_event();
+  ch.turn->record(&error, 1);
+  ch.turn->end(TurnOutcome::shutdown, "shutdown", false);
+}
+
 // Cancels the stream: nothing the producer does from here on is written.
 inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
   ch.cancelled = true;
@@ -2220,10 +3249,29 @@ inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
 // Cancels the stream and queues its final events; does not write them nor
 // wake its producer: see cancel_all_for_shutdown().
 inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
+  record_shutdown_locked(ch);
+  if (ch.turn) ch.turn->sync();
   cancel_for_shutdown_locked(ch);
   if (ch.kind == ChannelKind::sse && !ch.closed) {
     metrics_.count_events_sent(2);
     append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
+  }
+}
+
+// RULE turn_recorded_before_sent: an event of a recorded turn is in the
+// dialog store before its bytes are queued for the client, and the turn's
+// outcome is stored (and synced) before its `done` is.
+inline void StreamHub::record_locked(Channel& ch, const json* event, std::size_t count,
+                                     bool from_producer) {
+  if (!ch.turn || !from_producer || ch.turn->ended()) return;
+  ch.turn->record(event, count);
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto type = event[i].find("type");
+    if (*type == "error") {
+      ch.turn->end(TurnOutcome::error, error_code_of(event[i]), true);
+    } else if (*type == "done") {
+      ch.turn->end(TurnOutcome::completed, {}, true);
+    }
   }
 }
 
@@ -2252,6 +3300,7 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
     for (std::size_t i = 0; i < count && !ch.ended; ++i) {
       const json& event = events[i];
       const std::string& kind = kind_of(event);
+      record_locked(ch, &event, 1, from_producer);
       ++ch.events;
       const auto content = event.find("content");
       if (kind == "chat" && content != event.end() && content->is_string()) {
@@ -2294,6 +3343,7 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
     ++ch.events;
     ++framed;
     ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
+    record_locked(ch, &events[i], 1, from_producer);
     if (is_error || is_done) {
       if (is_error) {
         ch.errored = true;
@@ -2328,6 +3378,11 @@ inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional
     const auto message = error->find("error");
     ch.error = message != error->end() && message->is_string() ? message->get<std::string>()
                                                                : "generator failed";
+  }
+  if (was_open && ch.turn && !ch.turn->ended()) {
+    if (error) ch.turn->record(&*error, 1);
+    ch.turn->end(error ? TurnOutcome::error : TurnOutcome::completed,
+                 error ? error_code_of(*error) : std::string(), true);
   }
   left = ch.end_locked();
   if (ch.kind == ChannelKind::collect) return Flow::closed;
@@ -2379,6 +3434,23 @@ inline std::size_t StreamHub::write_shutdown_tails(
   // client's events would wait for every close before them), then the
   // producers are woken: thousands of woken threads would otherwise compete
   // with these writes.
+  // Their turns' logs first, synced once for all: the store holds every
+  // event a client receives before the client receives it.
+  DialogStore* sync = nullptr;
+  for (const auto& ch : ending) {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->closed || !ch->turn || ch->turn->ended()) continue;
+    record_shutdown_locked(*ch);
+    sync = ch->turn->store();
+  }
+  if (sync) {
+    try {
+      sync->sync();
+    } catch (const std::exception& e) {
+      log(options_, LogLevel::warning,
+          std::string("dialog store: sync at shutdown failed: ") + e.what());
+    }
+  }
   std::vector<Channel*> written;
   written.reserve(ending.size());
   for (const auto& ch : ending) {
@@ -2406,6 +3478,32 @@ inline std::size_t StreamHub::write_shutdown_tails(
     ch->cv.notify_all();
   }
   return ending.size();
+}
+
+inline void StreamHub::supersede(Channel& ch) {
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (ch.ended || ch.closed) return;
+    const json error = error_event("Superseded: a newer turn of this dialog started", "superseded");
+    if (ch.turn && !ch.turn->ended()) {
+      ch.turn->record(&error, 1);
+      ch.turn->end(TurnOutcome::superseded, "superseded", true);
+    }
+    ch.cancelled = true;
+    ch.ended = true;
+    ch.errored = true;
+    ch.cancel_due = true;
+    if (ch.kind == ChannelKind::sse) {
+      metrics_.count_events_sent(2);
+      flow = queue_locked(ch, ch.tail_locked(error));
+    } else {
+      ch.error = error.value("error", std::string());
+      flow = Flow::closed;
+    }
+    ch.cv.notify_all();
+  }
+  settle(ch, flow);
 }
 
 inline std::size_t StreamHub::close_all() {
@@ -2717,6 +3815,8 @@ struct Core {
   explicit Core(Options opts)
       : options(std::move(opts)),
         life(options.lame_duck.count() > 0, [this] { changed(); }),
+        store(options.store),
+        store_health([this](const std::string& m) { log(LogLevel::warning, m); }),
         hub(options, metrics, [this] { changed(); }) {}
   Core(const Core&) = delete;
   Core& operator=(const Core&) = delete;
@@ -2825,8 +3925,18 @@ struct Core {
   }
 
   const Options options;
-  Lifecycle life;                       // see Lifecycle: every reader of the server's state asks it
-  std::atomic<std::size_t> refused{0};  // 503s while draining
+  Lifecycle life;  // see Lifecycle: every reader of the server's state asks it
+  // Dialogs and their turns (Options::store; none: no dialogs API, nothing
+  // recorded, as before it existed).
+  const std::shared_ptr<DialogStore> store;
+  StoreHealth store_health;
+  // Held while the current dialog is read and maybe created (the REST API,
+  // a chat without dialog_id), so that two do not each create one.
+  std::mutex current_dialog_mu;
+  // The turn each dialog is running, for superseding it.
+  std::mutex running_turns_mu;
+  std::unordered_map<std::string, std::weak_ptr<Channel>> running_turns;  // guarded by it
+  std::atomic<std::size_t> refused{0};                                    // 503s while draining
   std::atomic<std::size_t> idle_closed{0};     // keep-alive connections closed by the drain
   Metrics metrics;                             // before `hub`, which reports to it
   std::optional<StatusFile> status;            // Options::status_file
@@ -2877,6 +3987,86 @@ struct Core {
   // Last: its destructor reports to changed(), which needs the members above.
   StreamHub hub;
 };
+
+}  // namespace detail
+}  // namespace agentsmithy
+// ---- include/agentsmithy/dialogs/chat_turns.hpp
+namespace agentsmithy {
+namespace detail {
+
+// ===========================================================================
+// A chat request's turn: its dialog, its memory, its recording
+// ===========================================================================
+
+// The message a turn's client gets when the store cannot be read: no detail
+// of the store's (a path, a host) reaches a client.
+inline constexpr std::string_view kStoreUnavailable = "The dialog store is unavailable";
+
+// The dialog a chat request belongs to (AgentSmithy's rule): absent, the
+// server's current dialog, created when there is none; unknown but valid, a
+// new dialog with that id. Throws StoreError (or what the store throws).
+inline void resolve_dialog(Core& core, ChatRequest& request) {
+  if (!core.store) {
+    if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
+    return;
+  }
+  DialogStore& store = *core.store;
+  if (!request.dialog_id.empty()) {
+    if (!store.find_dialog(request.dialog_id)) store.create_dialog(request.dialog_id, std::nullopt);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(core.current_dialog_mu);
+  request.dialog_id = ensure_current_dialog(store);
+}
+
+// Memory (Options::dialog_memory): a request that names its dialog and is
+// exactly one user message gets the dialog's earlier turns before it. One
+// with more messages manages its own history and is taken as given; one
+// without a dialog_id (curl, a load test) is not given the current dialog's.
+inline void remember(Core& core, ChatRequest& request, bool named) {
+  if (!core.store || !named || !core.options.dialog_memory || request.messages.size() != 1 ||
+      request.messages[0].role != "user") {
+    return;
+  }
+  std::vector<Message> messages =
+      memory_messages(core.store->turns(request.dialog_id, kMemoryTurns));
+  if (messages.empty()) return;
+  messages.push_back(std::move(request.messages[0]));
+  request.messages = std::move(messages);
+}
+
+// The last user message: what the turn's `user` event shows and position 0
+// of its log.
+inline std::string user_text(const ChatRequest& request) {
+  std::string query;
+  for (const Message& m : request.messages) {
+    if (m.role == "user") query = m.content;
+  }
+  return query;
+}
+
+// Starts recording the turn of `ch`: a turn its dialog is still running is
+// superseded first when the request named the dialog (requests without a
+// dialog_id share the current dialog and do not cancel each other); the
+// user's message is stored before its `user` event is sent. False when the
+// store failed (the turn then ends with store_unavailable).
+inline bool start_turn(Core& core, const std::shared_ptr<Channel>& ch, const std::string& query,
+                       bool named) {
+  if (!core.store) return true;
+  std::shared_ptr<Channel> previous;
+  if (named) {
+    std::lock_guard<std::mutex> lock(core.running_turns_mu);
+    std::weak_ptr<Channel>& slot = core.running_turns[ch->dialog_id];
+    previous = slot.lock();
+    slot = ch;
+  }
+  if (previous && previous != ch) core.hub.supersede(*previous);
+  std::lock_guard<std::mutex> lock(ch->mu);
+  if (ch->cancelled) return true;  // the shutdown came first: nothing of it reaches a client
+  ch->turn =
+      std::make_unique<TurnLog>(core.store, core.store_health, ch->dialog_id, new_dialog_id());
+  return ch->turn->begin(query);
+}
 
 }  // namespace detail
 }  // namespace agentsmithy
@@ -3397,6 +4587,8 @@ struct ChatJob {
   Admission admission;
   StreamFormat format;
   std::string extra_headers;  // CORS, as complete header lines
+  bool store_failed = false;  // the dialog could not be read: store_unavailable
+  bool named = false;         // the request gave its dialog_id
 };
 
 // The connection the current worker thread is serving.
@@ -3464,7 +4656,11 @@ class HttpFrontend final : public HttplibServer {
   static void run_stream(const std::shared_ptr<Core>& core, int fd, ChatJob job);
   static void run_collect(const std::shared_ptr<Core>& core, SocketStream& stream, ChatJob job);
 
+  // AgentSmithy's dialogs API: the /current routes before the {id} ones.
+  void add_dialog_routes();
+
   std::shared_ptr<Core> core_;
+  DialogsApi dialogs_;
   std::vector<std::pair<std::string, std::regex>> host_paths_;  // for route labels
   WorkerPool pool_;
   WaitingRoom room_;  // after pool_, which it feeds
@@ -3472,6 +4668,8 @@ class HttpFrontend final : public HttplibServer {
 
 inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
     : core_(std::move(core)),
+      dialogs_(core_->store ? core_->store : memory_store(), core_->current_dialog_mu,
+               core_->store_health),
       pool_(core_->options.max_streams + 64, std::chrono::milliseconds(2000)),
       room_(*core_, [this](int fd, std::size_t served) {
         pool_.enqueue([this, fd, served] { serve(fd, served); });
@@ -3532,6 +4730,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
       [this](const httplib::Request& req, httplib::Response& res) { handle_health(req, res); });
   Get("/metrics",
       [this](const httplib::Request& req, httplib::Response& res) { handle_metrics(req, res); });
+  if (core_->store) add_dialog_routes();
   std::vector<Core::HostRoute> routes;
   {
     std::lock_guard<std::mutex> lock(core_->mu);
@@ -3552,9 +4751,40 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
   }
 }
 
+inline void HttpFrontend::add_dialog_routes() {
+  using Handler = void (DialogsApi::*)(const httplib::Request&, httplib::Response&);
+  // Served like the chat: the Host guard, auth and CORS run before; a drain
+  // refuses them.
+  const auto route = [this](Handler handler) {
+    return [this, handler](const httplib::Request& req, httplib::Response& res) {
+      if (refuse_while_draining(res)) return;
+      (dialogs_.*handler)(req, res);
+    };
+  };
+  const std::string id = "/api/dialogs/([A-Za-z0-9_-]+)";
+  Get("/api/dialogs/current", route(&DialogsApi::get_current));
+  Patch("/api/dialogs/current", route(&DialogsApi::set_current));
+  Get("/api/dialogs", route(&DialogsApi::list_dialogs));
+  Post("/api/dialogs", route(&DialogsApi::create_dialog));
+  Get(id + "/history", route(&DialogsApi::history));
+  Get(id + "/session", route(&DialogsApi::session));
+  // Any other last segment: the handlers answer 422 for an id that is not valid.
+  const std::string any = "/api/dialogs/([^/]+)";
+  Get(any, route(&DialogsApi::get_dialog));
+  Patch(any, route(&DialogsApi::patch_dialog));
+  Delete(any, route(&DialogsApi::delete_dialog));
+}
+
 inline std::string HttpFrontend::route_label(const httplib::Request& req) const {
-  for (const char* known : {"/api/chat", "/health", "/metrics"}) {
+  for (const char* known :
+       {"/api/chat", "/health", "/metrics", "/api/dialogs", "/api/dialogs/current"}) {
     if (req.path == known) return known;
+  }
+  if (req.path.rfind("/api/dialogs/", 0) == 0) {
+    const auto slash = req.path.rfind('/');
+    const std::string last = req.path.substr(slash + 1);
+    if (slash > 12 && (last == "history" || last == "session")) return "/api/dialogs/{id}/" + last;
+    return "/api/dialogs/{id}";
   }
   for (const auto& [path, pattern] : host_paths_) {
     if (std::regex_match(req.path, pattern)) return path;
@@ -3685,9 +4915,9 @@ inline httplib::Server::HandlerResponse HttpFrontend::guard(const httplib::Reque
       return reject(403, "Origin not allowed: " + req.get_header_value("Origin"));
     }
     res.status = 204;
-    res.set_header("Allow", "GET, POST, OPTIONS");
+    res.set_header("Allow", "GET, POST, PATCH, DELETE, OPTIONS");
     if (req.has_header("Origin")) {
-      res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+      res.set_header("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS");
       res.set_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Accept");
       res.set_header("Access-Control-Max-Age", "600");
     }
@@ -3771,7 +5001,6 @@ inline void HttpFrontend::handle_chat_get(const httplib::Request& req, httplib::
 inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Response& res,
                                      ChatRequest request, StreamFormat format) {
   Core& core = *core_;
-  if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
   if (!core.try_admit()) {
     core.metrics.count_end(Outcome::rejected_capacity);
     core.log(LogLevel::warning, "at capacity (" + std::to_string(core.options.max_streams) +
@@ -3786,6 +5015,17 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
   }
   Admission admission(core);
   if (!t_connection) return respond_shutting_down(res);  // not served by our loop
+  bool store_failed = false;
+  const bool named = !request.dialog_id.empty();
+  try {
+    resolve_dialog(core, request);
+    remember(core, request, named);
+    core.store_health.succeeded();
+  } catch (const std::exception& e) {
+    core.store_health.failed("reading dialog " + request.dialog_id, e);
+    if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
+    store_failed = true;
+  }
   t_connection->stream->set_muted(true);
   std::string extra_headers;
   if (const auto origin = allowed_origin(req)) {
@@ -3795,7 +5035,8 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
   }
   if (format.event_ids) extra_headers += "Referrer-Policy: no-referrer\r\n";
   t_connection->chat.emplace(ChatJob{std::move(request), core.current_producer(),
-                                     std::move(admission), format, std::move(extra_headers)});
+                                     std::move(admission), format, std::move(extra_headers),
+                                     store_failed, named});
 }
 
 inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
@@ -3809,6 +5050,7 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
                      {"port", core.port.load()},
                      {"active_streams", core.hub.active()},
                      {"config_valid", errors.empty()},
+                     {"store_ok", core.store_health.ok()},
                      {"config_errors", errors.empty() ? json(nullptr) : json(errors)},
                      {"ide", core.options.ide.empty() ? json(nullptr) : json(core.options.ide)}};
   res.status = stopping ? 503 : 200;
@@ -3816,8 +5058,9 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
 }
 
 inline void HttpFrontend::handle_metrics(const httplib::Request&, httplib::Response& res) {
-  res.set_content(core_->metrics.render(core_->hub.active(), core_->life.phase()),
-                  "text/plain; version=0.0.4");
+  res.set_content(
+      core_->metrics.render(core_->hub.active(), core_->life.phase(), core_->store_health.errors()),
+      "text/plain; version=0.0.4");
 }
 
 // Runs the producer for one chat request: a generator on this thread until it
@@ -3866,13 +5109,18 @@ inline void HttpFrontend::run_stream(const std::shared_ptr<Core>& core, int fd, 
                                         stream_response_head(job.format.chunked, job.extra_headers),
                                         std::make_shared<Admission>(std::move(job.admission)));
   core->log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
+  const std::string query = user_text(job.request);
+  const bool recorded = !job.store_failed && start_turn(*core, ch, query, job.named);
   if (core->options.user_event) {
-    std::string query;
-    for (const Message& m : job.request.messages) {
-      if (m.role == "user") query = m.content;
-    }
     const json user{{"type", "user"}, {"content", query}};
     core->hub.send(*ch, &user, 1, false);
+  }
+  if (!recorded) {
+    // A turn the store cannot hold is not answered: the next one would not
+    // remember it.
+    const json error = error_event(kStoreUnavailable, "store_unavailable");
+    core->hub.send(*ch, &error, 1, false);
+    return;
   }
   produce(core, job, ch);
 }
@@ -3881,10 +5129,16 @@ inline void HttpFrontend::run_collect(const std::shared_ptr<Core>& core, SocketS
                                       ChatJob job) {
   const auto ch = core->hub.open_collector(job.request.dialog_id,
                                            std::make_shared<Admission>(std::move(job.admission)));
-  produce(core, job, ch);
+  const bool recorded =
+      !job.store_failed && start_turn(*core, ch, user_text(job.request), job.named);
   int status = 200;
   std::string body;
-  {
+  if (!recorded) {
+    core->hub.finish(*ch, std::nullopt);
+    status = 503;
+    body = error_body(kStoreUnavailable, "store_unavailable");
+  } else {
+    produce(core, job, ch);
     const WorkerPool::Blocking until_answered;
     std::unique_lock<std::mutex> lock(ch->mu);
     // A stream handler's producer may still be at work.
@@ -4244,6 +5498,13 @@ inline bool Server::listen() {
     return false;
   }
   core->port = port;
+  // There is always a current dialog (AgentSmithy's clients need one).
+  try {
+    std::lock_guard<std::mutex> lock(core->current_dialog_mu);
+    if (core->store) detail::ensure_current_dialog(*core->store);
+  } catch (const std::exception& e) {
+    core->store_health.failed("creating the current dialog", e);
+  }
   detail::size_futex_hash(o.max_streams + 64);
   core->hub.start();
   std::thread acceptor([&] {
@@ -4296,7 +5557,8 @@ inline void Server::route(const std::string& method, const std::string& path,
     throw std::invalid_argument("Server::route: unknown method '" + method +
                                 "' (GET, POST, PUT, PATCH or DELETE)");
   }
-  if (path == "/api/chat" || path == "/health" || path == "/metrics") {
+  if (path == "/api/chat" || path == "/health" || path == "/metrics" ||
+      path.rfind("/api/dialogs", 0) == 0) {
     throw std::invalid_argument("Server::route: " + path + " is served by the server itself");
   }
   if (!handler) throw std::invalid_argument("Server::route: empty handler");

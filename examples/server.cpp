@@ -61,6 +61,10 @@ options:
   --model NAME              the upstream's model (AGENTSMITHY_MODEL)
   --cors-origin ORIGIN      a browser origin allowed to call the API; repeatable
                             (AGENTSMITHY_CORS_ORIGINS, comma-separated)
+  --store none|memory       memory: keep dialogs in this process and serve
+                            AgentSmithy's dialogs API (/api/dialogs...),
+                            remembering each dialog's turns (AGENTSMITHY_STORE,
+                            default none: each chat stands alone)
   --no-chat-page            do not serve the chat page at GET /
   --ide NAME                the IDE that launched the server (shown in /health)
   --no-log-colors           never colour the log (it is coloured only on a terminal)
@@ -233,7 +237,7 @@ agentsmithy::Logger make_logger(bool json, bool colors) {
 
 struct Flags {
   std::optional<std::string> workdir, host, port, grace_period, max_streams, lame_duck;
-  std::optional<std::string> log_level, log_format, generator, upstream, model, ide;
+  std::optional<std::string> log_level, log_format, generator, upstream, model, ide, store;
   std::vector<std::string> cors_origins;
   bool no_chat_page = false, no_log_colors = false;
 };
@@ -276,6 +280,7 @@ Flags parse_flags(int argc, char** argv) {
         {"--upstream", &flags.upstream},
         {"--model", &flags.model},
         {"--ide", &flags.ide},
+        {"--store", &flags.store},
         {"--cors-origin", &cors}};
     std::optional<std::string>* slot = nullptr;
     for (const auto& [flag, target] : known) {
@@ -367,6 +372,13 @@ int main(int argc, char** argv) {
     options.grace_period = parse_seconds(*flags.grace_period, "--grace-period");
   }
   if (flags.max_streams) options.max_streams = parse_count(*flags.max_streams, "--max-streams");
+  if (auto store = setting(flags.store, "--store", "AGENTSMITHY_STORE")) {
+    if (store->first == "memory") {
+      options.store = agentsmithy::memory_store();
+    } else if (store->first != "none") {
+      fail(2, store->second + ": expected none or memory, got '" + store->first + "'");
+    }
+  }
   if (auto level = setting(flags.log_level, "--log-level", "LOG_LEVEL")) {
     options.log_level = parse_level(level->first, level->second);
   }

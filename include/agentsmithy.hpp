@@ -87,6 +87,7 @@
 #include "agentsmithy/api/options.hpp"
 #include "agentsmithy/api/chat_request.hpp"
 #include "agentsmithy/api/stream_writer.hpp"
+#include "agentsmithy/api/dialog_store.hpp"
 #include "agentsmithy/api/openai.hpp"
 #include "agentsmithy/api/server.hpp"
 #include "agentsmithy/api/signal_hook.hpp"
@@ -101,6 +102,13 @@
 #include "agentsmithy/observability/metrics.hpp"
 #include "agentsmithy/lifecycle/status_file.hpp"
 
+// Dialogs: the memory store, the history AgentSmithy's clients page through,
+// a turn's recording, the REST API.
+#include "agentsmithy/dialogs/memory_store.hpp"
+#include "agentsmithy/dialogs/history.hpp"
+#include "agentsmithy/dialogs/turn_log.hpp"
+#include "agentsmithy/http/dialogs_api.hpp"
+
 // A chat request's path: its channel and the hub that owns every stream's
 // socket; the threads that serve connections and the room where idle ones
 // wait; the server's shared state; the HTTP front end on cpp-httplib.
@@ -108,6 +116,7 @@
 #include "agentsmithy/streams/stream_hub.hpp"
 #include "agentsmithy/connections/worker_pool.hpp"
 #include "agentsmithy/server/core.hpp"
+#include "agentsmithy/dialogs/chat_turns.hpp"
 #include "agentsmithy/connections/waiting_room.hpp"
 #include "agentsmithy/http/security.hpp"
 #include "agentsmithy/http/httplib_adapter.hpp"

@@ -10,6 +10,8 @@ enum class LogLevel { debug = 0, info = 1, warning = 2, error = 3 };
 // several threads; must be thread-safe.
 using Logger = std::function<void(LogLevel level, const std::string& message)>;
 
+class DialogStore;  // see the dialog store below
+
 struct Options {
   std::string host = "127.0.0.1";
   int port = 8765;  // 0 picks a free port; Server::port() tells which
@@ -58,6 +60,16 @@ struct Options {
   // What the host found wrong with its configuration (say, an upstream URL
   // that failed validation): /health reports config_valid false and these.
   std::vector<std::string> config_errors;
+  // Where dialogs and their turns are kept: with a store, the server serves
+  // AgentSmithy's dialogs API (/api/dialogs...), records every turn as its
+  // client receives it, and remembers a dialog's earlier turns; e.g.
+  // memory_store(). Empty: none of that (each chat stands alone).
+  std::shared_ptr<DialogStore> store;
+  // With a store: a chat request that names its dialog_id and whose messages
+  // are exactly one user message reaches the producer with the dialog's
+  // earlier turns (user and assistant texts, in order) before it; at most the
+  // last 50 turns and 256 KiB of their text.
+  bool dialog_memory = true;
 };
 
 }  // namespace agentsmithy

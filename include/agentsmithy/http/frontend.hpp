@@ -28,6 +28,8 @@ struct ChatJob {
   Admission admission;
   StreamFormat format;
   std::string extra_headers;  // CORS, as complete header lines
+  bool store_failed = false;  // the dialog could not be read: store_unavailable
+  bool named = false;         // the request gave its dialog_id
 };
 
 // The connection the current worker thread is serving.
@@ -95,7 +97,11 @@ class HttpFrontend final : public HttplibServer {
   static void run_stream(const std::shared_ptr<Core>& core, int fd, ChatJob job);
   static void run_collect(const std::shared_ptr<Core>& core, SocketStream& stream, ChatJob job);
 
+  // AgentSmithy's dialogs API: the /current routes before the {id} ones.
+  void add_dialog_routes();
+
   std::shared_ptr<Core> core_;
+  DialogsApi dialogs_;
   std::vector<std::pair<std::string, std::regex>> host_paths_;  // for route labels
   WorkerPool pool_;
   WaitingRoom room_;  // after pool_, which it feeds
@@ -103,6 +109,8 @@ class HttpFrontend final : public HttplibServer {
 
 inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
     : core_(std::move(core)),
+      dialogs_(core_->store ? core_->store : memory_store(), core_->current_dialog_mu,
+               core_->store_health),
       pool_(core_->options.max_streams + 64, std::chrono::milliseconds(2000)),
       room_(*core_, [this](int fd, std::size_t served) {
         pool_.enqueue([this, fd, served] { serve(fd, served); });
@@ -163,6 +171,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
       [this](const httplib::Request& req, httplib::Response& res) { handle_health(req, res); });
   Get("/metrics",
       [this](const httplib::Request& req, httplib::Response& res) { handle_metrics(req, res); });
+  if (core_->store) add_dialog_routes();
   std::vector<Core::HostRoute> routes;
   {
     std::lock_guard<std::mutex> lock(core_->mu);
@@ -183,9 +192,40 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
   }
 }
 
+inline void HttpFrontend::add_dialog_routes() {
+  using Handler = void (DialogsApi::*)(const httplib::Request&, httplib::Response&);
+  // Served like the chat: the Host guard, auth and CORS run before; a drain
+  // refuses them.
+  const auto route = [this](Handler handler) {
+    return [this, handler](const httplib::Request& req, httplib::Response& res) {
+      if (refuse_while_draining(res)) return;
+      (dialogs_.*handler)(req, res);
+    };
+  };
+  const std::string id = "/api/dialogs/([A-Za-z0-9_-]+)";
+  Get("/api/dialogs/current", route(&DialogsApi::get_current));
+  Patch("/api/dialogs/current", route(&DialogsApi::set_current));
+  Get("/api/dialogs", route(&DialogsApi::list_dialogs));
+  Post("/api/dialogs", route(&DialogsApi::create_dialog));
+  Get(id + "/history", route(&DialogsApi::history));
+  Get(id + "/session", route(&DialogsApi::session));
+  // Any other last segment: the handlers answer 422 for an id that is not valid.
+  const std::string any = "/api/dialogs/([^/]+)";
+  Get(any, route(&DialogsApi::get_dialog));
+  Patch(any, route(&DialogsApi::patch_dialog));
+  Delete(any, route(&DialogsApi::delete_dialog));
+}
+
 inline std::string HttpFrontend::route_label(const httplib::Request& req) const {
-  for (const char* known : {"/api/chat", "/health", "/metrics"}) {
+  for (const char* known :
+       {"/api/chat", "/health", "/metrics", "/api/dialogs", "/api/dialogs/current"}) {
     if (req.path == known) return known;
+  }
+  if (req.path.rfind("/api/dialogs/", 0) == 0) {
+    const auto slash = req.path.rfind('/');
+    const std::string last = req.path.substr(slash + 1);
+    if (slash > 12 && (last == "history" || last == "session")) return "/api/dialogs/{id}/" + last;
+    return "/api/dialogs/{id}";
   }
   for (const auto& [path, pattern] : host_paths_) {
     if (std::regex_match(req.path, pattern)) return path;
@@ -316,9 +356,9 @@ inline httplib::Server::HandlerResponse HttpFrontend::guard(const httplib::Reque
       return reject(403, "Origin not allowed: " + req.get_header_value("Origin"));
     }
     res.status = 204;
-    res.set_header("Allow", "GET, POST, OPTIONS");
+    res.set_header("Allow", "GET, POST, PATCH, DELETE, OPTIONS");
     if (req.has_header("Origin")) {
-      res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+      res.set_header("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS");
       res.set_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Accept");
       res.set_header("Access-Control-Max-Age", "600");
     }
@@ -402,7 +442,6 @@ inline void HttpFrontend::handle_chat_get(const httplib::Request& req, httplib::
 inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Response& res,
                                      ChatRequest request, StreamFormat format) {
   Core& core = *core_;
-  if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
   if (!core.try_admit()) {
     core.metrics.count_end(Outcome::rejected_capacity);
     core.log(LogLevel::warning, "at capacity (" + std::to_string(core.options.max_streams) +
@@ -417,6 +456,17 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
   }
   Admission admission(core);
   if (!t_connection) return respond_shutting_down(res);  // not served by our loop
+  bool store_failed = false;
+  const bool named = !request.dialog_id.empty();
+  try {
+    resolve_dialog(core, request);
+    remember(core, request, named);
+    core.store_health.succeeded();
+  } catch (const std::exception& e) {
+    core.store_health.failed("reading dialog " + request.dialog_id, e);
+    if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
+    store_failed = true;
+  }
   t_connection->stream->set_muted(true);
   std::string extra_headers;
   if (const auto origin = allowed_origin(req)) {
@@ -426,7 +476,8 @@ inline void HttpFrontend::admit_chat(const httplib::Request& req, httplib::Respo
   }
   if (format.event_ids) extra_headers += "Referrer-Policy: no-referrer\r\n";
   t_connection->chat.emplace(ChatJob{std::move(request), core.current_producer(),
-                                     std::move(admission), format, std::move(extra_headers)});
+                                     std::move(admission), format, std::move(extra_headers),
+                                     store_failed, named});
 }
 
 inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Response& res) {
@@ -440,6 +491,7 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
                      {"port", core.port.load()},
                      {"active_streams", core.hub.active()},
                      {"config_valid", errors.empty()},
+                     {"store_ok", core.store_health.ok()},
                      {"config_errors", errors.empty() ? json(nullptr) : json(errors)},
                      {"ide", core.options.ide.empty() ? json(nullptr) : json(core.options.ide)}};
   res.status = stopping ? 503 : 200;
@@ -447,8 +499,9 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
 }
 
 inline void HttpFrontend::handle_metrics(const httplib::Request&, httplib::Response& res) {
-  res.set_content(core_->metrics.render(core_->hub.active(), core_->life.phase()),
-                  "text/plain; version=0.0.4");
+  res.set_content(
+      core_->metrics.render(core_->hub.active(), core_->life.phase(), core_->store_health.errors()),
+      "text/plain; version=0.0.4");
 }
 
 // Runs the producer for one chat request: a generator on this thread until it
@@ -497,13 +550,18 @@ inline void HttpFrontend::run_stream(const std::shared_ptr<Core>& core, int fd, 
                                         stream_response_head(job.format.chunked, job.extra_headers),
                                         std::make_shared<Admission>(std::move(job.admission)));
   core->log(LogLevel::debug, "dialog " + ch->dialog_id + ": stream started");
+  const std::string query = user_text(job.request);
+  const bool recorded = !job.store_failed && start_turn(*core, ch, query, job.named);
   if (core->options.user_event) {
-    std::string query;
-    for (const Message& m : job.request.messages) {
-      if (m.role == "user") query = m.content;
-    }
     const json user{{"type", "user"}, {"content", query}};
     core->hub.send(*ch, &user, 1, false);
+  }
+  if (!recorded) {
+    // A turn the store cannot hold is not answered: the next one would not
+    // remember it.
+    const json error = error_event(kStoreUnavailable, "store_unavailable");
+    core->hub.send(*ch, &error, 1, false);
+    return;
   }
   produce(core, job, ch);
 }
@@ -512,10 +570,16 @@ inline void HttpFrontend::run_collect(const std::shared_ptr<Core>& core, SocketS
                                       ChatJob job) {
   const auto ch = core->hub.open_collector(job.request.dialog_id,
                                            std::make_shared<Admission>(std::move(job.admission)));
-  produce(core, job, ch);
+  const bool recorded =
+      !job.store_failed && start_turn(*core, ch, user_text(job.request), job.named);
   int status = 200;
   std::string body;
-  {
+  if (!recorded) {
+    core->hub.finish(*ch, std::nullopt);
+    status = 503;
+    body = error_body(kStoreUnavailable, "store_unavailable");
+  } else {
+    produce(core, job, ch);
     const WorkerPool::Blocking until_answered;
     std::unique_lock<std::mutex> lock(ch->mu);
     // A stream handler's producer may still be at work.

@@ -96,8 +96,9 @@ struct Metrics {
     ++requests[{route, status}];
   }
 
-  // `now`: the lifecycle's phase (see Lifecycle).
-  std::string render(std::size_t active, Phase now) const {
+  // `now`: the lifecycle's phase (see Lifecycle); `store_errors`: the dialog
+  // store's failures (StoreHealth counts them).
+  std::string render(std::size_t active, Phase now, std::uint64_t store_errors = 0) const {
     std::string out;
     const auto gauge = [&](const std::string& name, const std::string& help) {
       out += "# HELP " + name + " " + help + "\n# TYPE " + name + " gauge\n";
@@ -128,6 +129,8 @@ struct Metrics {
                     "Time from a stream's admission to its end.");
     first_event.render(out, "agentsmithy_stream_first_event_seconds",
                        "Time from a stream's admission to its producer's first event.");
+    counter("agentsmithy_store_errors_total", "Dialog store operations that failed.");
+    out += "agentsmithy_store_errors_total " + std::to_string(store_errors) + "\n";
     gauge("agentsmithy_lifecycle_state", "The server's lifecycle state (1 for the current one).");
     for (const Phase s :
          {Phase::starting, Phase::ready, Phase::lame_duck, Phase::draining, Phase::stopped}) {

@@ -11,6 +11,8 @@ struct Core {
   explicit Core(Options opts)
       : options(std::move(opts)),
         life(options.lame_duck.count() > 0, [this] { changed(); }),
+        store(options.store),
+        store_health([this](const std::string& m) { log(LogLevel::warning, m); }),
         hub(options, metrics, [this] { changed(); }) {}
   Core(const Core&) = delete;
   Core& operator=(const Core&) = delete;
@@ -119,8 +121,18 @@ struct Core {
   }
 
   const Options options;
-  Lifecycle life;                       // see Lifecycle: every reader of the server's state asks it
-  std::atomic<std::size_t> refused{0};  // 503s while draining
+  Lifecycle life;  // see Lifecycle: every reader of the server's state asks it
+  // Dialogs and their turns (Options::store; none: no dialogs API, nothing
+  // recorded, as before it existed).
+  const std::shared_ptr<DialogStore> store;
+  StoreHealth store_health;
+  // Held while the current dialog is read and maybe created (the REST API,
+  // a chat without dialog_id), so that two do not each create one.
+  std::mutex current_dialog_mu;
+  // The turn each dialog is running, for superseding it.
+  std::mutex running_turns_mu;
+  std::unordered_map<std::string, std::weak_ptr<Channel>> running_turns;  // guarded by it
+  std::atomic<std::size_t> refused{0};                                    // 503s while draining
   std::atomic<std::size_t> idle_closed{0};     // keep-alive connections closed by the drain
   Metrics metrics;                             // before `hub`, which reports to it
   std::optional<StatusFile> status;            // Options::status_file

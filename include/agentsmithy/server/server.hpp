@@ -280,6 +280,13 @@ inline bool Server::listen() {
     return false;
   }
   core->port = port;
+  // There is always a current dialog (AgentSmithy's clients need one).
+  try {
+    std::lock_guard<std::mutex> lock(core->current_dialog_mu);
+    if (core->store) detail::ensure_current_dialog(*core->store);
+  } catch (const std::exception& e) {
+    core->store_health.failed("creating the current dialog", e);
+  }
   detail::size_futex_hash(o.max_streams + 64);
   core->hub.start();
   std::thread acceptor([&] {
@@ -332,7 +339,8 @@ inline void Server::route(const std::string& method, const std::string& path,
     throw std::invalid_argument("Server::route: unknown method '" + method +
                                 "' (GET, POST, PUT, PATCH or DELETE)");
   }
-  if (path == "/api/chat" || path == "/health" || path == "/metrics") {
+  if (path == "/api/chat" || path == "/health" || path == "/metrics" ||
+      path.rfind("/api/dialogs", 0) == 0) {
     throw std::invalid_argument("Server::route: " + path + " is served by the server itself");
   }
   if (!handler) throw std::invalid_argument("Server::route: empty handler");

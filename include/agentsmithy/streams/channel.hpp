@@ -55,6 +55,8 @@ struct Channel {
   // on_cancel callbacks; `cancel_due` once a cancellation (not a normal end)
   // happened, `cancel_fired` once they were taken to run.
   std::vector<std::function<void()>> cancel_callbacks;
+  // The turn's recording in the dialog store (none: not recorded).
+  std::unique_ptr<TurnLog> turn;
   bool cancel_due = false;
   bool cancel_fired = false;
 

@@ -45,6 +45,9 @@ class StreamHub {
   std::size_t write_shutdown_tails(const std::vector<std::shared_ptr<Channel>>& ending);
   // The grace deadline: closes whatever is left. Returns how many.
   std::size_t close_all();
+  // A newer turn of the same dialog started: this one ends with an error
+  // (code "superseded") then done, and its producer is cancelled.
+  void supersede(Channel& ch);
   std::size_t active() const { return count_.load(); }
 
  private:
@@ -65,6 +68,8 @@ class StreamHub {
   void on_socket_event(Channel& ch, std::uint32_t events);
 
   void append_locked(Channel& ch, std::string_view bytes);
+  void record_locked(Channel& ch, const json* events, std::size_t count, bool from_producer);
+  void record_shutdown_locked(Channel& ch);
   Flow queue_locked(Channel& ch, std::string_view bytes);
   Flow finish_locked(Channel& ch, const std::optional<json>& error, Channel::Leftovers& left);
   // `wake`: notify whoever waits on the channel if it closes. `close_ended`:
@@ -191,6 +196,7 @@ inline void StreamHub::forget(Channel& ch) {
                             : ch.ended           ? Outcome::completed
                                                  : Outcome::client_gone;
     metrics_.count_stream_end(outcome, Clock::now() - ch.opened);
+    if (ch.turn && !ch.turn->ended()) ch.turn->end(TurnOutcome::client_gone, {}, false);
   }
   // Only the last one matters to a drain waiting for zero.
   if (--count_ == 0) on_count_change_();
@@ -322,6 +328,14 @@ inline StreamHub::Flow StreamHub::queue_locked(Channel& ch, std::string_view byt
   return flush_locked(ch);
 }
 
+// The shutdown's error event and outcome in the turn's log (synced by the caller).
+inline void StreamHub::record_shutdown_locked(Channel& ch) {
+  if (!ch.turn || ch.turn->ended()) return;
+  const json error = shutdown_error_event();
+  ch.turn->record(&error, 1);
+  ch.turn->end(TurnOutcome::shutdown, "shutdown", false);
+}
+
 // Cancels the stream: nothing the producer does from here on is written.
 inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
   ch.cancelled = true;
@@ -333,10 +347,29 @@ inline void StreamHub::cancel_for_shutdown_locked(Channel& ch) {
 // Cancels the stream and queues its final events; does not write them nor
 // wake its producer: see cancel_all_for_shutdown().
 inline void StreamHub::end_for_shutdown_locked(Channel& ch) {
+  record_shutdown_locked(ch);
+  if (ch.turn) ch.turn->sync();
   cancel_for_shutdown_locked(ch);
   if (ch.kind == ChannelKind::sse && !ch.closed) {
     metrics_.count_events_sent(2);
     append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
+  }
+}
+
+// RULE turn_recorded_before_sent: an event of a recorded turn is in the
+// dialog store before its bytes are queued for the client, and the turn's
+// outcome is stored (and synced) before its `done` is.
+inline void StreamHub::record_locked(Channel& ch, const json* event, std::size_t count,
+                                     bool from_producer) {
+  if (!ch.turn || !from_producer || ch.turn->ended()) return;
+  ch.turn->record(event, count);
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto type = event[i].find("type");
+    if (*type == "error") {
+      ch.turn->end(TurnOutcome::error, error_code_of(event[i]), true);
+    } else if (*type == "done") {
+      ch.turn->end(TurnOutcome::completed, {}, true);
+    }
   }
 }
 
@@ -365,6 +398,7 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
     for (std::size_t i = 0; i < count && !ch.ended; ++i) {
       const json& event = events[i];
       const std::string& kind = kind_of(event);
+      record_locked(ch, &event, 1, from_producer);
       ++ch.events;
       const auto content = event.find("content");
       if (kind == "chat" && content != event.end() && content->is_string()) {
@@ -407,6 +441,7 @@ inline bool StreamHub::send(Channel& ch, const json* events, std::size_t count,
     ++ch.events;
     ++framed;
     ch.frame_locked(bytes, event_text(events[i], ch.dialog_id, is_done));
+    record_locked(ch, &events[i], 1, from_producer);
     if (is_error || is_done) {
       if (is_error) {
         ch.errored = true;
@@ -441,6 +476,11 @@ inline StreamHub::Flow StreamHub::finish_locked(Channel& ch, const std::optional
     const auto message = error->find("error");
     ch.error = message != error->end() && message->is_string() ? message->get<std::string>()
                                                                : "generator failed";
+  }
+  if (was_open && ch.turn && !ch.turn->ended()) {
+    if (error) ch.turn->record(&*error, 1);
+    ch.turn->end(error ? TurnOutcome::error : TurnOutcome::completed,
+                 error ? error_code_of(*error) : std::string(), true);
   }
   left = ch.end_locked();
   if (ch.kind == ChannelKind::collect) return Flow::closed;
@@ -492,6 +532,23 @@ inline std::size_t StreamHub::write_shutdown_tails(
   // client's events would wait for every close before them), then the
   // producers are woken: thousands of woken threads would otherwise compete
   // with these writes.
+  // Their turns' logs first, synced once for all: the store holds every
+  // event a client receives before the client receives it.
+  DialogStore* sync = nullptr;
+  for (const auto& ch : ending) {
+    std::lock_guard<std::mutex> lock(ch->mu);
+    if (ch->closed || !ch->turn || ch->turn->ended()) continue;
+    record_shutdown_locked(*ch);
+    sync = ch->turn->store();
+  }
+  if (sync) {
+    try {
+      sync->sync();
+    } catch (const std::exception& e) {
+      log(options_, LogLevel::warning,
+          std::string("dialog store: sync at shutdown failed: ") + e.what());
+    }
+  }
   std::vector<Channel*> written;
   written.reserve(ending.size());
   for (const auto& ch : ending) {
@@ -519,6 +576,32 @@ inline std::size_t StreamHub::write_shutdown_tails(
     ch->cv.notify_all();
   }
   return ending.size();
+}
+
+inline void StreamHub::supersede(Channel& ch) {
+  Flow flow = Flow::open;
+  {
+    std::lock_guard<std::mutex> lock(ch.mu);
+    if (ch.ended || ch.closed) return;
+    const json error = error_event("Superseded: a newer turn of this dialog started", "superseded");
+    if (ch.turn && !ch.turn->ended()) {
+      ch.turn->record(&error, 1);
+      ch.turn->end(TurnOutcome::superseded, "superseded", true);
+    }
+    ch.cancelled = true;
+    ch.ended = true;
+    ch.errored = true;
+    ch.cancel_due = true;
+    if (ch.kind == ChannelKind::sse) {
+      metrics_.count_events_sent(2);
+      flow = queue_locked(ch, ch.tail_locked(error));
+    } else {
+      ch.error = error.value("error", std::string());
+      flow = Flow::closed;
+    }
+    ch.cv.notify_all();
+  }
+  settle(ch, flow);
 }
 
 inline std::size_t StreamHub::close_all() {
