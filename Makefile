@@ -44,11 +44,12 @@ TEST_ARGS ?=
 TEST_TIMEOUT ?= 300
 SCRIPT_TIMEOUT ?= 120
 
-# libcurl: the example server and the tests use the OpenAI upstream
-# (AGENTSMITHY_OPENAI_SUPPORT); the core and examples/embed.cpp do not.
+# libcurl and libsqlite3: the example server and the tests use the OpenAI
+# upstream (AGENTSMITHY_OPENAI_SUPPORT) and the SQLite dialog store
+# (AGENTSMITHY_SQLITE_SUPPORT); the core and examples/embed.cpp do not.
 # python3: tools/amalgamate.py, which makes agentsmithy.hpp from its parts.
-PACKAGES := libcpp-httplib-dev libcurl4-openssl-dev nlohmann-json3-dev doctest-dev curl pkg-config \
-            g++ make python3
+PACKAGES := libcpp-httplib-dev libcurl4-openssl-dev libsqlite3-dev nlohmann-json3-dev doctest-dev \
+            curl pkg-config g++ make python3
 
 # Expanded when a recipe runs, i.e. after `deps` has installed pkg-config.
 HTTPLIB_CFLAGS = $(shell pkg-config --cflags cpp-httplib)
@@ -58,12 +59,16 @@ HTTPLIB_LIBS   = $(shell pkg-config --libs cpp-httplib)
 CURL_CFLAGS = $(shell pkg-config --cflags libcurl)
 CURL_LIBS   = $(shell pkg-config --libs libcurl)
 OPENAI_CFLAGS = -DAGENTSMITHY_OPENAI_SUPPORT $(CURL_CFLAGS)
+# libsqlite3: sqlite_store(), only where AGENTSMITHY_SQLITE_SUPPORT is defined.
+SQLITE_CFLAGS = -DAGENTSMITHY_SQLITE_SUPPORT $(shell pkg-config --cflags sqlite3)
+SQLITE_LIBS   = $(shell pkg-config --libs sqlite3)
 # The core: cpp-httplib, nlohmann_json and POSIX only (examples/embed.cpp).
 CORE_COMPILE = $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) -MMD -MP
 CORE_LINK    = $(HTTPLIB_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
-# With the OpenAI upstream: the example server, the tests, the fuzz targets.
-COMPILE = $(CORE_COMPILE) $(OPENAI_CFLAGS)
-LINK    = $(HTTPLIB_LIBS) $(CURL_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
+# With the OpenAI upstream and the SQLite store: the example server, the
+# tests, the fuzz targets.
+COMPILE = $(CORE_COMPILE) $(OPENAI_CFLAGS) $(SQLITE_CFLAGS)
+LINK    = $(HTTPLIB_LIBS) $(CURL_LIBS) $(SQLITE_LIBS) -pthread $(LDFLAGS) $(LDLIBS)
 
 SERVER := $(BUILD)/agentsmithy-server
 EMBED  := $(BUILD)/embed
@@ -185,6 +190,8 @@ deps:
 	  { echo "error: pkg-config cannot find cpp-httplib (apt-get install libcpp-httplib-dev)" >&2; exit 1; }
 	@pkg-config --exists libcurl || \
 	  { echo "error: pkg-config cannot find libcurl (apt-get install libcurl4-openssl-dev)" >&2; exit 1; }
+	@pkg-config --exists sqlite3 || \
+	  { echo "error: pkg-config cannot find sqlite3 (apt-get install libsqlite3-dev)" >&2; exit 1; }
 
 run: $(SERVER)
 	@echo "agentsmithy-server on port 8765; Ctrl+C to shut down gracefully"
@@ -310,7 +317,7 @@ FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/%)
 $(FUZZ_BINS): $(FUZZ_DIR)/%: tests/fuzz/%.cpp tests/fuzz/fuzz_check.hpp agentsmithy.hpp | deps-san
 	@mkdir -p $(@D)
 	$(SAN_CXX) $(STD) $(SAN_CFLAGS) $(FUZZ_FLAGS) $(SAN_WARNINGS) $(CPPFLAGS) -I. $(HTTPLIB_CFLAGS) \
-	  $(OPENAI_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LINK)
+	  $(OPENAI_CFLAGS) $(SQLITE_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LINK)
 
 -include $(wildcard $(FUZZ_DIR)/*.d)
 

@@ -8,10 +8,14 @@
 // Exit status: 0 after a graceful shutdown, 130 after a forced one (a second
 // signal during the drain), 1 when the server cannot start, 2 for bad usage.
 //
-// It serves --upstream through openai_generator, so it is built with the
-// OpenAI upstream (and libcurl); the Makefile and CMake pass the define too.
+// It serves --upstream through openai_generator and keeps dialogs with
+// sqlite_store, so it is built with the OpenAI upstream (libcurl) and the
+// SQLite store (libsqlite3); the Makefile and CMake pass the defines too.
 #ifndef AGENTSMITHY_OPENAI_SUPPORT
 #define AGENTSMITHY_OPENAI_SUPPORT
+#endif
+#ifndef AGENTSMITHY_SQLITE_SUPPORT
+#define AGENTSMITHY_SQLITE_SUPPORT
 #endif
 #include "agentsmithy.hpp"
 
@@ -61,10 +65,15 @@ options:
   --model NAME              the upstream's model (AGENTSMITHY_MODEL)
   --cors-origin ORIGIN      a browser origin allowed to call the API; repeatable
                             (AGENTSMITHY_CORS_ORIGINS, comma-separated)
-  --store none|memory       memory: keep dialogs in this process and serve
-                            AgentSmithy's dialogs API (/api/dialogs...),
-                            remembering each dialog's turns (AGENTSMITHY_STORE,
-                            default none: each chat stands alone)
+  --store none|memory|sqlite
+                            where dialogs are kept: with a store the server
+                            serves AgentSmithy's dialogs API (/api/dialogs...)
+                            and remembers each dialog's turns; sqlite: in
+                            DIR/.agentsmithy/agentsmithy.sqlite3 (or
+                            --store-path), kept across restarts; memory: in
+                            this process (AGENTSMITHY_STORE, default none: each
+                            chat stands alone)
+  --store-path FILE         the SQLite file of --store sqlite
   --no-chat-page            do not serve the chat page at GET /
   --ide NAME                the IDE that launched the server (shown in /health)
   --no-log-colors           never colour the log (it is coloured only on a terminal)
@@ -238,6 +247,7 @@ agentsmithy::Logger make_logger(bool json, bool colors) {
 struct Flags {
   std::optional<std::string> workdir, host, port, grace_period, max_streams, lame_duck;
   std::optional<std::string> log_level, log_format, generator, upstream, model, ide, store;
+  std::optional<std::string> store_path;
   std::vector<std::string> cors_origins;
   bool no_chat_page = false, no_log_colors = false;
 };
@@ -281,6 +291,7 @@ Flags parse_flags(int argc, char** argv) {
         {"--model", &flags.model},
         {"--ide", &flags.ide},
         {"--store", &flags.store},
+        {"--store-path", &flags.store_path},
         {"--cors-origin", &cors}};
     std::optional<std::string>* slot = nullptr;
     for (const auto& [flag, target] : known) {
@@ -375,10 +386,21 @@ int main(int argc, char** argv) {
   if (auto store = setting(flags.store, "--store", "AGENTSMITHY_STORE")) {
     if (store->first == "memory") {
       options.store = agentsmithy::memory_store();
+    } else if (store->first == "sqlite") {
+      const std::string path = flags.store_path
+                                   ? *flags.store_path
+                                   : *flags.workdir + "/.agentsmithy/agentsmithy.sqlite3";
+      if (!flags.store_path) ::mkdir((*flags.workdir + "/.agentsmithy").c_str(), 0755);
+      try {
+        options.store = agentsmithy::sqlite_store(path);
+      } catch (const std::exception& e) {
+        fail(1, std::string("cannot open the dialog store: ") + e.what());
+      }
     } else if (store->first != "none") {
-      fail(2, store->second + ": expected none or memory, got '" + store->first + "'");
+      fail(2, store->second + ": expected none, memory or sqlite, got '" + store->first + "'");
     }
   }
+  if (flags.store_path && options.store == nullptr) fail(2, "--store-path needs --store sqlite");
   if (auto level = setting(flags.log_level, "--log-level", "LOG_LEVEL")) {
     options.log_level = parse_level(level->first, level->second);
   }

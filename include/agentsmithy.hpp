@@ -6,6 +6,7 @@
 // Optional parts, each behind a macro defined before the include, as
 // cpp-httplib does with CPPHTTPLIB_OPENSSL_SUPPORT:
 //   AGENTSMITHY_OPENAI_SUPPORT   openai_generator (links libcurl 7.87+)
+//   AGENTSMITHY_SQLITE_SUPPORT   sqlite_store (links libsqlite3)
 //
 //   agentsmithy::Server server;                       // 127.0.0.1:8765
 //   server.chat_service().set_generator(my_llm);      // or keep the demo
@@ -26,6 +27,9 @@
 
 #ifdef AGENTSMITHY_OPENAI_SUPPORT
 #include <curl/curl.h>
+#endif
+#ifdef AGENTSMITHY_SQLITE_SUPPORT
+#include <sqlite3.h>
 #endif
 #include <httplib.h>
 
@@ -105,6 +109,9 @@
 // Dialogs: the memory store, the history AgentSmithy's clients page through,
 // a turn's recording, the REST API.
 #include "agentsmithy/dialogs/memory_store.hpp"
+#ifdef AGENTSMITHY_SQLITE_SUPPORT
+#include "agentsmithy/dialogs/sqlite_store.hpp"
+#endif
 #include "agentsmithy/dialogs/history.hpp"
 #include "agentsmithy/dialogs/turn_log.hpp"
 #include "agentsmithy/http/dialogs_api.hpp"

@@ -3,7 +3,8 @@
 #   - agentsmithy.hpp is what its parts make (tools/amalgamate.py --check);
 #   - include/agentsmithy.hpp, the parts' top file, compiles as the header does;
 #   - the core compiles without libcurl: no <curl/curl.h> without the define;
-#   - openai_generator without AGENTSMITHY_OPENAI_SUPPORT is an error naming it;
+#   - openai_generator without AGENTSMITHY_OPENAI_SUPPORT is an error naming it,
+#     and sqlite_store without AGENTSMITHY_SQLITE_SUPPORT;
 #   - a cpp-httplib other than 0.11.x is an error naming the supported versions;
 #   - the header compiles as C++20, warning-clean.
 # Ends with "header: N passed, M failed". CXX picks the compiler (g++).
@@ -61,6 +62,13 @@ int main() {
   return generator ? 0 : 1;
 }
 EOF
+cat >"$work/sqlite.cpp" <<'EOF'
+#include "agentsmithy.hpp"
+int main() {
+  auto store = agentsmithy::sqlite_store("/tmp/x.sqlite3");
+  return store ? 0 : 1;
+}
+EOF
 # A cpp-httplib that says it is 0.14.0: the real one, relabelled.
 mkdir -p "$work/httplib-0.14"
 cat >"$work/httplib-0.14/httplib.h" <<'EOF'
@@ -74,10 +82,12 @@ check "agentsmithy.hpp matches include/ (tools/amalgamate.py --check)" \
 check "include/agentsmithy.hpp compiles with -Iinclude, with the upstream" \
   "$CXX" -std=c++17 -fsyntax-only "${WARN[@]}" -DAGENTSMITHY_OPENAI_SUPPORT -Iinclude \
   "${HTTPLIB[@]}" "$work/openai.cpp"
-check "the core includes no libcurl header without AGENTSMITHY_OPENAI_SUPPORT" \
-  bash -c "! \"$CXX\" -std=c++17 -E -I. ${HTTPLIB[*]} \"$work/core.cpp\" -H 2>&1 >/dev/null | grep -q 'curl/curl.h'"
+check "the core includes no libcurl nor sqlite3 header without their defines" \
+  bash -c "! \"$CXX\" -std=c++17 -E -I. ${HTTPLIB[*]} \"$work/core.cpp\" -H 2>&1 >/dev/null | grep -q -e 'curl/curl.h' -e 'sqlite3.h'"
 check "openai_generator without the define: an error that names it" \
   compile_fails "$work/openai.cpp" "AGENTSMITHY_OPENAI_SUPPORT" -I. "${HTTPLIB[@]}"
+check "sqlite_store without the define: an error that names it" \
+  compile_fails "$work/sqlite.cpp" "AGENTSMITHY_SQLITE_SUPPORT" -I. "${HTTPLIB[@]}"
 check "cpp-httplib 0.14: an error that names the supported versions" \
   compile_fails "$work/core.cpp" "supports cpp-httplib 0.11.x only" -I"$work/httplib-0.14" -I. \
   "${HTTPLIB[@]}"
@@ -94,9 +104,11 @@ cmake_package() {
     -DCMAKE_INSTALL_PREFIX="$prefix" >/dev/null &&
     cmake --install "$work/cmake" >/dev/null || return 1
   mkdir -p "$consumer"
-  cp "$work/core.cpp" "$work/openai.cpp" "$consumer/"
+  cp "$work/core.cpp" "$work/openai.cpp" "$work/sqlite.cpp" "$consumer/"
   printf '%s\n' 'cmake_minimum_required(VERSION 3.16)' 'project(consumer LANGUAGES CXX)' \
-    'find_package(agentsmithy REQUIRED COMPONENTS openai)' \
+    'find_package(agentsmithy REQUIRED COMPONENTS openai sqlite)' \
+    'add_executable(sqlite sqlite.cpp)' \
+    'target_link_libraries(sqlite PRIVATE agentsmithy::sqlite)' \
     'add_executable(core core.cpp)' \
     'target_link_libraries(core PRIVATE agentsmithy::agentsmithy)' \
     'add_executable(openai openai.cpp)' \
@@ -113,6 +125,10 @@ cmake_package() {
     echo "openai does not link libcurl"
     return 1
   }
+  ldd "$consumer/build/sqlite" | grep -q libsqlite3 || {
+    echo "sqlite does not link libsqlite3"
+    return 1
+  }
   local pc=$prefix/share/pkgconfig
   if PKG_CONFIG_PATH=$pc pkg-config --libs agentsmithy | grep -q curl; then
     echo "agentsmithy.pc brings libcurl"
@@ -126,8 +142,13 @@ cmake_package() {
     echo "agentsmithy-openai.pc lacks libcurl"
     return 1
   }
+  PKG_CONFIG_PATH=$pc pkg-config --cflags --libs agentsmithy-sqlite |
+    grep -q -- '-DAGENTSMITHY_SQLITE_SUPPORT.*-lsqlite3' || {
+    echo "agentsmithy-sqlite.pc lacks the define or libsqlite3"
+    return 1
+  }
 }
-check "CMake and pkg-config: agentsmithy::agentsmithy without libcurl, agentsmithy::openai with it" \
+check "CMake and pkg-config: the core alone; agentsmithy::openai with libcurl, ::sqlite with libsqlite3" \
   cmake_package
 
 echo "header: $passed passed, $failed failed"

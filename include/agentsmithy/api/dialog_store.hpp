@@ -91,4 +91,31 @@ class DialogStore {
 // dialogs updated longest ago are evicted first. The default store.
 std::shared_ptr<DialogStore> memory_store(std::size_t max_bytes = 64 << 20);
 
+// Keeps dialogs in the SQLite file at `path` (created when missing; WAL
+// mode), so that they outlive the process. append() only queues: one writer
+// thread commits what is queued in one transaction, within 20 ms, and at
+// once when sync() waits; after a crash at most the last ~100 ms of a
+// running turn are missing. A file that cannot be opened or is not a valid
+// store (not SQLite, another application's database, a newer schema) throws
+// StoreError naming the file and the reason; so does a failure at run time
+// (disk full, file removed, locked), from the call or the next sync().
+// Compiled only with AGENTSMITHY_SQLITE_SUPPORT defined before the include
+// (and linked with libsqlite3).
+#ifdef AGENTSMITHY_SQLITE_SUPPORT
+std::shared_ptr<DialogStore> sqlite_store(const std::string& path);
+#else
+namespace detail {
+template <class T>
+inline constexpr bool needs_sqlite_support = false;
+}  // namespace detail
+// Without the define, a call fails to compile with this message.
+template <class Path = std::string>
+std::shared_ptr<DialogStore> sqlite_store(const Path&) {
+  static_assert(detail::needs_sqlite_support<Path>,
+                "sqlite_store needs AGENTSMITHY_SQLITE_SUPPORT: #define it before including "
+                "agentsmithy.hpp and link libsqlite3 (pkg-config sqlite3)");
+  return {};
+}
+#endif
+
 }  // namespace agentsmithy

@@ -96,7 +96,15 @@ class EventLoop {
     ev.events = events;
     ev.data.ptr = w.get();
     std::lock_guard<std::mutex> lock(mu_);
-    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) return nullptr;
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      // Still in the set under this number: a registration whose descriptor
+      // was closed while a copy of it lived on (a forked child), or one
+      // libcurl never told us to remove. The descriptor is the caller's now.
+      if (errno != EEXIST || ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr) != 0 ||
+          ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
+        return nullptr;
+      }
+    }
     Watch* raw = w.get();
     live_.emplace(raw, std::move(w));
     return raw;
@@ -106,7 +114,10 @@ class EventLoop {
     epoll_event ev{};
     ev.events = events;
     ev.data.ptr = w;
-    return ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, w->fd_, &ev) == 0;
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, w->fd_, &ev) == 0) return true;
+    // Dropped from the set meanwhile (its registration was removed under
+    // this number): register it again.
+    return errno == ENOENT && ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, w->fd_, &ev) == 0;
   }
   // Stops watching; `w` is freed once no event batch can refer to it. Call
   // it before closing the descriptor: a closed one stays in the set while a
