@@ -959,6 +959,10 @@ struct HttpError {
   std::string message;
 };
 
+// Every 503 (draining, at capacity, a failing store) tells a client or a
+// balancer when to retry.
+inline constexpr const char* kRetryAfterSeconds = "1";
+
 inline std::string error_body(std::string_view message, std::string_view code = {}) {
   json body{{"error", message}};
   if (!code.empty()) body["code"] = code;
@@ -3248,6 +3252,10 @@ namespace detail {
 // Turn log: what a stream's client is sent, recorded in the dialog store
 // ===========================================================================
 
+// The message a client gets (a turn, the dialogs API) when the store cannot be read: no detail
+// of the store's (a path, a host) reaches a client.
+inline constexpr std::string_view kStoreUnavailable = "The dialog store is unavailable";
+
 // The store's health as /health (store_ok) and /metrics
 // (agentsmithy_store_errors_total) show it. A failure is logged at most once
 // a minute; the server keeps serving.
@@ -3608,9 +3616,8 @@ class DialogsApi {
     } catch (const StoreError& e) {
       health_.failed("the dialogs API", e);
       res.status = 503;
-      res.set_header("Retry-After", "1");
-      res.set_content(error_body("The dialog store is unavailable", "store_unavailable"),
-                      "application/json");
+      res.set_header("Retry-After", kRetryAfterSeconds);
+      res.set_content(error_body(kStoreUnavailable, "store_unavailable"), "application/json");
     }
   }
 
@@ -4917,10 +4924,6 @@ namespace detail {
 // A chat request's turn: its dialog, its memory, its recording
 // ===========================================================================
 
-// The message a turn's client gets when the store cannot be read: no detail
-// of the store's (a path, a host) reaches a client.
-inline constexpr std::string_view kStoreUnavailable = "The dialog store is unavailable";
-
 // The dialog a chat request belongs to (AgentSmithy's rule): absent, the
 // server's current dialog, created when there is none; unknown but valid, a
 // new dialog with that id. Throws StoreError (or what the store throws).
@@ -5518,9 +5521,6 @@ struct Connection {
   std::optional<ChatJob> chat;
 };
 inline thread_local Connection* t_connection = nullptr;
-
-// Every 503 (draining, at capacity) tells a client or a balancer when to retry.
-inline constexpr const char* kRetryAfterSeconds = "1";
 
 // The CORS headers of an answer to an allowed Origin: every response, and a
 // stream's head, which we write ourselves.

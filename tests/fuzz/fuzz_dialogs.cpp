@@ -134,9 +134,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             if (e.is_object()) batch.push_back(e);
           store->append(t, 1, batch);
         }
-        store->end_turn(t, turn % 2 ? agentsmithy::TurnOutcome::completed
-                                    : agentsmithy::TurnOutcome::shutdown,
-                        "");
+        store->end_turn(
+            t, turn % 2 ? agentsmithy::TurnOutcome::completed : agentsmithy::TurnOutcome::shutdown,
+            "");
       }
       Call current("GET", "/api/dialogs/current", "", "");
       api.get_current(current.req, current.res);

@@ -5,10 +5,6 @@ namespace detail {
 // A chat request's turn: its dialog, its memory, its recording
 // ===========================================================================
 
-// The message a turn's client gets when the store cannot be read: no detail
-// of the store's (a path, a host) reaches a client.
-inline constexpr std::string_view kStoreUnavailable = "The dialog store is unavailable";
-
 // The dialog a chat request belongs to (AgentSmithy's rule): absent, the
 // server's current dialog, created when there is none; unknown but valid, a
 // new dialog with that id. Throws StoreError (or what the store throws).

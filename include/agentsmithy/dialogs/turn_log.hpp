@@ -5,6 +5,10 @@ namespace detail {
 // Turn log: what a stream's client is sent, recorded in the dialog store
 // ===========================================================================
 
+// The message a client gets (a turn, the dialogs API) when the store cannot be read: no detail
+// of the store's (a path, a host) reaches a client.
+inline constexpr std::string_view kStoreUnavailable = "The dialog store is unavailable";
+
 // The store's health as /health (store_ok) and /metrics
 // (agentsmithy_store_errors_total) show it. A failure is logged at most once
 // a minute; the server keeps serving.

@@ -10,6 +10,10 @@ struct HttpError {
   std::string message;
 };
 
+// Every 503 (draining, at capacity, a failing store) tells a client or a
+// balancer when to retry.
+inline constexpr const char* kRetryAfterSeconds = "1";
+
 inline std::string error_body(std::string_view message, std::string_view code = {}) {
   json body{{"error", message}};
   if (!code.empty()) body["code"] = code;

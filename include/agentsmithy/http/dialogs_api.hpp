@@ -192,9 +192,8 @@ class DialogsApi {
     } catch (const StoreError& e) {
       health_.failed("the dialogs API", e);
       res.status = 503;
-      res.set_header("Retry-After", "1");
-      res.set_content(error_body("The dialog store is unavailable", "store_unavailable"),
-                      "application/json");
+      res.set_header("Retry-After", kRetryAfterSeconds);
+      res.set_content(error_body(kStoreUnavailable, "store_unavailable"), "application/json");
     }
   }
 

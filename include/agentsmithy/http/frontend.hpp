@@ -41,9 +41,6 @@ struct Connection {
 };
 inline thread_local Connection* t_connection = nullptr;
 
-// Every 503 (draining, at capacity) tells a client or a balancer when to retry.
-inline constexpr const char* kRetryAfterSeconds = "1";
-
 // The CORS headers of an answer to an allowed Origin: every response, and a
 // stream's head, which we write ourselves.
 inline std::vector<std::pair<const char*, std::string>> cors_headers(const std::string& origin) {
