@@ -67,6 +67,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -151,12 +152,13 @@ struct Options {
   // What the host found wrong with its configuration (say, an upstream URL
   // that failed validation): /health reports config_valid false and these.
   std::vector<std::string> config_errors;
-  // Where dialogs and their turns are kept: with a store, the server serves
-  // AgentSmithy's dialogs API (/api/dialogs...), records every turn as its
-  // client receives it, and remembers a dialog's earlier turns; e.g.
-  // memory_store(). Empty: none of that (each chat stands alone).
+  // Where dialogs and their turns are kept: the server serves AgentSmithy's
+  // dialogs API (/api/dialogs...) from it, records every turn as its client
+  // receives it, and remembers a dialog's earlier turns. Empty: a
+  // memory_store() of the server's own (64 MiB, nothing outlives the
+  // process); sqlite_store(path) keeps them across restarts.
   std::shared_ptr<DialogStore> store;
-  // With a store: a chat request that names its dialog_id and whose messages
+  // A chat request that names its dialog_id and whose messages
   // are exactly one user message reaches the producer with the dialog's
   // earlier turns (user and assistant texts, in order) before it; at most the
   // last 50 turns and 256 KiB of their text.
@@ -370,6 +372,15 @@ class DialogStore {
   // The dialog's turns in order, the last `max_turns` of them.
   virtual std::vector<TurnRecord> turns(const std::string& dialog_id, std::size_t max_turns) = 0;
   virtual std::optional<TurnRecord> turn(const std::string& turn_id) = 0;
+  // turns() without the events: history reads the events only of turns it
+  // has not seen end (an ended turn never changes). The default drops them
+  // from turns(); a store that can list turns more cheaply overrides it.
+  virtual std::vector<TurnRecord> turn_headers(const std::string& dialog_id,
+                                               std::size_t max_turns) {
+    std::vector<TurnRecord> out = turns(dialog_id, max_turns);
+    for (TurnRecord& t : out) t.events.clear();
+    return out;
+  }
 
   // True when other processes share it (issue 18: hand-off at shutdown).
   virtual bool shared() const { return false; }
@@ -2095,6 +2106,23 @@ class MemoryDialogStore final : public DialogStore {
     return out;
   }
 
+  std::vector<TurnRecord> turn_headers(const std::string& dialog_id,
+                                       std::size_t max_turns) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<TurnRecord> out;
+    const auto it = dialogs_.find(dialog_id);
+    if (it == dialogs_.end()) return out;
+    const auto& ids = it->second.turn_ids;
+    const std::size_t n = std::min(max_turns, ids.size());
+    out.reserve(n);
+    for (std::size_t i = ids.size() - n; i < ids.size(); ++i) {
+      const TurnRecord& t = turns_.at(ids[i]);
+      out.push_back(TurnRecord{
+          t.turn_id, t.dialog_id, t.outcome, t.error_code, t.started_at, t.ended_at, {}});
+    }
+    return out;
+  }
+
   std::optional<TurnRecord> turn(const std::string& turn_id) override {
     std::lock_guard<std::mutex> lock(mu_);
     const auto it = turns_.find(turn_id);
@@ -2418,25 +2446,12 @@ class SqliteDialogStore final : public DialogStore {
   }
 
   std::vector<TurnRecord> turns(const std::string& dialog_id, std::size_t max_turns) override {
-    std::vector<TurnRecord> out;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (max_turns == 0 || dialogs_.count(dialog_id) == 0) return out;
-      wait_committed_locked(lock, queued_seq_);
-    }
-    std::lock_guard<std::mutex> read(read_mu_);
-    ReadSnapshot snapshot(*this);
-    const auto limit = static_cast<sqlite3_int64>(
-        std::min<std::uint64_t>(max_turns, static_cast<std::uint64_t>(INT64_MAX)));
-    {
-      Use q(*this, rdb_.get(), turns_of_dialog_, "cannot read turns");
-      q.text(1, dialog_id);
-      q.int64(2, limit);
-      while (q.step()) out.push_back(q.turn_row());
-    }
-    std::reverse(out.begin(), out.end());
-    for (TurnRecord& t : out) read_events(t);
-    return out;
+    return read_turns(dialog_id, max_turns, true);
+  }
+
+  std::vector<TurnRecord> turn_headers(const std::string& dialog_id,
+                                       std::size_t max_turns) override {
+    return read_turns(dialog_id, max_turns, false);
   }
 
   std::optional<TurnRecord> turn(const std::string& turn_id) override {
@@ -2877,6 +2892,33 @@ class SqliteDialogStore final : public DialogStore {
     }
   }
 
+  // The last `max_turns` turns of the dialog in order, with their events or
+  // without, in one read transaction after what was queued is committed.
+  std::vector<TurnRecord> read_turns(const std::string& dialog_id, std::size_t max_turns,
+                                     bool with_events) {
+    std::vector<TurnRecord> out;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (max_turns == 0 || dialogs_.count(dialog_id) == 0) return out;
+      wait_committed_locked(lock, queued_seq_);
+    }
+    std::lock_guard<std::mutex> read(read_mu_);
+    ReadSnapshot snapshot(*this);
+    const auto limit = static_cast<sqlite3_int64>(
+        std::min<std::uint64_t>(max_turns, static_cast<std::uint64_t>(INT64_MAX)));
+    {
+      Use q(*this, rdb_.get(), turns_of_dialog_, "cannot read turns");
+      q.text(1, dialog_id);
+      q.int64(2, limit);
+      while (q.step()) out.push_back(q.turn_row());
+    }
+    std::reverse(out.begin(), out.end());
+    if (with_events) {
+      for (TurnRecord& t : out) read_events(t);
+    }
+    return out;
+  }
+
   void read_events(TurnRecord& t) {
     Use q(*this, rdb_.get(), events_of_turn_, "cannot read a turn's events");
     q.text(1, t.turn_id);
@@ -3123,19 +3165,35 @@ inline const std::string& history_text(const json& event) {
   return it != event.end() && it->is_string() ? it->get_ref<const std::string&>() : empty;
 }
 
+inline std::size_t units_bytes(const std::vector<HistoryUnit>& units) {
+  std::size_t bytes = 64;
+  for (const HistoryUnit& u : units) {
+    for (const json& e : u.events) bytes += history_text(e).size() + 128;
+  }
+  return bytes;
+}
+
 inline std::string history_type(const json& event) {
   if (!event.is_object()) return {};
   const auto it = event.find("type");
   return it != event.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
-// Appends a turn's units: [user, ...] and, when the assistant's text is not
-// blank, [reasoning..., chat, tool_call/file_edit...]; with a blank text
-// the reasoning, tool_call and file_edit events join the user's unit.
-// `extras` counts the reasoning blocks, tool calls and file edits.
-inline void history_units(const TurnRecord& turn, std::vector<HistoryUnit>& units,
-                          std::size_t& extras) {
-  if (turn.events.empty()) return;
+// What one turn shows in the history: its units and how many events beyond
+// the visible messages (reasoning blocks, tool calls, file edits) they hold.
+struct TurnUnits {
+  std::vector<HistoryUnit> units;
+  std::size_t extras = 0;
+  std::size_t bytes = 0;  // about what it takes in memory (HistoryCache's bound)
+};
+
+// A turn's units: [user, ...] and, when the assistant's text is not blank,
+// [reasoning..., chat, tool_call/file_edit...]; with a blank text the
+// reasoning, tool_call and file_edit events join the user's unit.
+inline TurnUnits turn_units(const TurnRecord& turn) {
+  TurnUnits out;
+  std::vector<HistoryUnit>& units = out.units;
+  if (turn.events.empty()) return out;
   const json& stored_user = turn.events[0];
   json user{{"type", "user"}, {"content", history_text(stored_user)}};
   if (stored_user.is_object()) {
@@ -3181,7 +3239,7 @@ inline void history_units(const TurnRecord& turn, std::vector<HistoryUnit>& unit
     }
   }
   close_reasoning();
-  extras += reasoning.size() + after.size();
+  out.extras = reasoning.size() + after.size();
 
   HistoryUnit user_unit;
   user_unit.events.push_back(std::move(user));
@@ -3192,7 +3250,8 @@ inline void history_units(const TurnRecord& turn, std::vector<HistoryUnit>& unit
     for (auto& e : reasoning) user_unit.events.push_back(std::move(e));
     for (auto& e : after) user_unit.events.push_back(std::move(e));
     units.push_back(std::move(user_unit));
-    return;
+    out.bytes = units_bytes(units);
+    return out;
   }
   units.push_back(std::move(user_unit));
 
@@ -3209,19 +3268,22 @@ inline void history_units(const TurnRecord& turn, std::vector<HistoryUnit>& unit
   chat_unit.events.push_back(std::move(chat));
   for (auto& e : after) chat_unit.events.push_back(std::move(e));
   units.push_back(std::move(chat_unit));
+  out.bytes = units_bytes(units);
+  return out;
 }
 
 // GET /api/dialogs/{id}/history: AgentSmithy's page of the dialog's visible
 // messages (user and non-blank assistant texts), `limit` of them (default
 // 20) before the exclusive cursor `before` (clamped to their count), or the
 // last ones. Callers reject a limit below 1 and a negative before.
-inline json history_page(const std::string& dialog_id, const std::vector<TurnRecord>& turns,
-                         std::optional<long long> limit, std::optional<long long> before) {
-  std::vector<HistoryUnit> units;
-  std::size_t extras = 0;
-  for (const auto& turn : turns) history_units(turn, units, extras);
-
-  const std::size_t n = units.size();
+inline json history_page_of(const std::string& dialog_id,
+                            const std::vector<std::shared_ptr<const TurnUnits>>& turns,
+                            std::optional<long long> limit, std::optional<long long> before) {
+  std::size_t n = 0, extras = 0;
+  for (const auto& t : turns) {
+    n += t->units.size();
+    extras += t->extras;
+  }
   const std::size_t l =
       static_cast<std::size_t>(std::max(0LL, limit.value_or(kDefaultHistoryLimit)));
   std::size_t end = n;
@@ -3229,11 +3291,16 @@ inline json history_page(const std::string& dialog_id, const std::vector<TurnRec
   const std::size_t start = end > l ? end - l : 0;
 
   json events = json::array();
-  for (std::size_t u = start; u < end; ++u) {
-    for (std::size_t i = 0; i < units[u].events.size(); ++i) {
-      json& event = units[u].events[i];
-      if (i == units[u].visible) event["idx"] = u;
-      events.push_back(std::move(event));
+  std::size_t u = 0;  // the idx of the turn's first unit
+  for (const auto& t : turns) {
+    for (const HistoryUnit& unit : t->units) {
+      if (u >= start && u < end) {
+        for (std::size_t i = 0; i < unit.events.size(); ++i) {
+          events.push_back(unit.events[i]);
+          if (i == unit.visible) events.back()["idx"] = u;
+        }
+      }
+      ++u;
     }
   }
   const bool empty = start == end;
@@ -3241,6 +3308,98 @@ inline json history_page(const std::string& dialog_id, const std::vector<TurnRec
               {"total_events", n + extras},     {"has_more", start > 0},
               {"first_idx", empty ? 0 : start}, {"last_idx", empty ? 0 : end - 1}};
 }
+
+inline json history_page(const std::string& dialog_id, const std::vector<TurnRecord>& turns,
+                         std::optional<long long> limit, std::optional<long long> before) {
+  std::vector<std::shared_ptr<const TurnUnits>> units;
+  units.reserve(turns.size());
+  for (const auto& turn : turns) units.push_back(std::make_shared<TurnUnits>(turn_units(turn)));
+  return history_page_of(dialog_id, units, limit, before);
+}
+
+// The history of long dialogs without reading every turn's events on every
+// page: each ended turn's units are computed once (an ended turn's log never
+// changes, and turn ids are never reused) and kept, the least recently used
+// dropped past `max_bytes`. A page then reads the dialog's turn headers and
+// the events of the turns not seen ended (usually the last one or none).
+class HistoryCache {
+ public:
+  explicit HistoryCache(std::size_t max_bytes = 32u << 20) : max_bytes_(max_bytes) {}
+
+  json page(DialogStore& store, const std::string& dialog_id, std::optional<long long> limit,
+            std::optional<long long> before) {
+    const std::vector<TurnRecord> headers =
+        store.turn_headers(dialog_id, static_cast<std::size_t>(-1));
+    std::vector<std::shared_ptr<const TurnUnits>> turns(headers.size());
+    std::size_t first_missing = headers.size();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (std::size_t i = 0; i < headers.size(); ++i) {
+        if (headers[i].outcome != TurnOutcome::running) turns[i] = find_locked(headers[i].turn_id);
+        if (!turns[i] && first_missing == headers.size()) first_missing = i;
+      }
+    }
+    if (first_missing < headers.size()) {
+      // One read for the tail from the first turn not at hand; a turn that
+      // began in between is not on this page, one deleted in between is
+      // left out.
+      std::unordered_map<std::string, TurnRecord> read;
+      for (TurnRecord& t : store.turns(dialog_id, headers.size() - first_missing)) {
+        read.emplace(t.turn_id, std::move(t));
+      }
+      for (std::size_t i = first_missing; i < headers.size(); ++i) {
+        if (turns[i]) continue;
+        auto it = read.find(headers[i].turn_id);
+        std::optional<TurnRecord> record;
+        if (it != read.end()) {
+          record = std::move(it->second);
+        } else {
+          record = store.turn(headers[i].turn_id);
+        }
+        if (!record) continue;
+        auto units = std::make_shared<const TurnUnits>(turn_units(*record));
+        if (record->outcome != TurnOutcome::running) keep(record->turn_id, units);
+        turns[i] = std::move(units);
+      }
+      turns.erase(std::remove(turns.begin(), turns.end(), nullptr), turns.end());
+    }
+    return history_page_of(dialog_id, turns, limit, before);
+  }
+
+  std::size_t bytes() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+
+ private:
+  using Lru = std::list<std::pair<std::string, std::shared_ptr<const TurnUnits>>>;
+
+  std::shared_ptr<const TurnUnits> find_locked(const std::string& turn_id) {
+    const auto it = index_.find(turn_id);
+    if (it == index_.end()) return nullptr;
+    lru_.splice(lru_.begin(), lru_, it->second);
+    return it->second->second;
+  }
+
+  void keep(const std::string& turn_id, const std::shared_ptr<const TurnUnits>& units) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (index_.count(turn_id) != 0 || units->bytes > max_bytes_) return;
+    lru_.emplace_front(turn_id, units);
+    index_[turn_id] = lru_.begin();
+    bytes_ += units->bytes;
+    while (bytes_ > max_bytes_ && !lru_.empty()) {
+      bytes_ -= lru_.back().second->bytes;
+      index_.erase(lru_.back().first);
+      lru_.pop_back();
+    }
+  }
+
+  const std::size_t max_bytes_;
+  mutable std::mutex mu_;
+  Lru lru_;  // most recently used first
+  std::unordered_map<std::string, Lru::iterator> index_;
+  std::size_t bytes_ = 0;
+};
 
 }  // namespace detail
 }  // namespace agentsmithy
@@ -3582,8 +3741,7 @@ class DialogsApi {
         }
       }
       if (!store_->find_dialog(id)) return not_found(res, id);
-      const auto turns = store_->turns(id, static_cast<std::size_t>(-1));
-      reply(res, 200, history_page(id, turns, limit, before));
+      reply(res, 200, history_.page(*store_, id, limit, before));
     });
   }
 
@@ -3704,6 +3862,7 @@ class DialogsApi {
   // both create a default one.
   std::mutex& current_mu_;
   StoreHealth& health_;
+  HistoryCache history_;  // each ended turn's history, computed once
 };
 
 }  // namespace detail
@@ -4741,7 +4900,7 @@ struct Core {
   explicit Core(Options opts)
       : options(std::move(opts)),
         life(options.lame_duck.count() > 0, [this] { changed(); }),
-        store(options.store),
+        store(options.store ? options.store : memory_store()),
         store_health([this](const std::string& m) { log(LogLevel::warning, m); }),
         hub(options, metrics, [this] { changed(); }) {}
   Core(const Core&) = delete;
@@ -4852,8 +5011,7 @@ struct Core {
 
   const Options options;
   Lifecycle life;  // see Lifecycle: every reader of the server's state asks it
-  // Dialogs and their turns (Options::store; none: no dialogs API, nothing
-  // recorded, as before it existed).
+  // Dialogs and their turns: Options::store, or a memory_store() of its own.
   const std::shared_ptr<DialogStore> store;
   StoreHealth store_health;
   // Held while the current dialog is read and maybe created (the REST API,
@@ -4928,10 +5086,6 @@ namespace detail {
 // server's current dialog, created when there is none; unknown but valid, a
 // new dialog with that id. Throws StoreError (or what the store throws).
 inline void resolve_dialog(Core& core, ChatRequest& request) {
-  if (!core.store) {
-    if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
-    return;
-  }
   DialogStore& store = *core.store;
   if (!request.dialog_id.empty()) {
     if (!store.find_dialog(request.dialog_id)) store.create_dialog(request.dialog_id, std::nullopt);
@@ -4946,7 +5100,7 @@ inline void resolve_dialog(Core& core, ChatRequest& request) {
 // with more messages manages its own history and is taken as given; one
 // without a dialog_id (curl, a load test) is not given the current dialog's.
 inline void remember(Core& core, ChatRequest& request, bool named) {
-  if (!core.store || !named || !core.options.dialog_memory || request.messages.size() != 1 ||
+  if (!named || !core.options.dialog_memory || request.messages.size() != 1 ||
       request.messages[0].role != "user") {
     return;
   }
@@ -4974,7 +5128,6 @@ inline std::string user_text(const ChatRequest& request) {
 // store failed (the turn then ends with store_unavailable).
 inline bool start_turn(Core& core, const std::shared_ptr<Channel>& ch, const std::string& query,
                        bool named) {
-  if (!core.store) return true;
   std::shared_ptr<Channel> previous;
   if (named) {
     std::lock_guard<std::mutex> lock(core.running_turns_mu);
@@ -5587,8 +5740,7 @@ class HttpFrontend final : public HttplibServer {
 
 inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
     : core_(std::move(core)),
-      dialogs_(core_->store ? core_->store : memory_store(), core_->current_dialog_mu,
-               core_->store_health),
+      dialogs_(core_->store, core_->current_dialog_mu, core_->store_health),
       pool_(core_->options.max_streams + 64, std::chrono::milliseconds(2000)),
       room_(*core_, [this](int fd, std::size_t served) {
         pool_.enqueue([this, fd, served] { serve(fd, served); });
@@ -5649,7 +5801,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
       [this](const httplib::Request& req, httplib::Response& res) { handle_health(req, res); });
   Get("/metrics",
       [this](const httplib::Request& req, httplib::Response& res) { handle_metrics(req, res); });
-  if (core_->store) add_dialog_routes();
+  add_dialog_routes();
   std::vector<Core::HostRoute> routes;
   {
     std::lock_guard<std::mutex> lock(core_->mu);
@@ -6420,7 +6572,7 @@ inline bool Server::listen() {
   // There is always a current dialog (AgentSmithy's clients need one).
   try {
     std::lock_guard<std::mutex> lock(core->current_dialog_mu);
-    if (core->store) detail::ensure_current_dialog(*core->store);
+    detail::ensure_current_dialog(*core->store);
   } catch (const std::exception& e) {
     core->store_health.failed("creating the current dialog", e);
   }

@@ -1054,6 +1054,11 @@ void report_shutdown(const Config& cfg, const std::vector<Conn>& conns, int64_t 
   putf("done_max_ms", percentile(to_done, 1.0));
   putf("pace_pct", pace_asked > 0 ? 100.0 * pace_got / pace_asked : NAN, 1);
   put("chat_at_signal", chat_at_signal);
+  // Every chat event any client received (bench/run.sh compares it with what
+  // the server's dialog store recorded).
+  long long chat_received = 0;
+  for (const Conn& c : conns) chat_received += c.n_chat;
+  put("chat_received", chat_received);
   // The signal's time on CLOCK_MONOTONIC, to compare with other processes'
   // stamps (bench/upstream.cpp's closes): one clock for the whole machine.
   put("signal_mono_ns", static_cast<long long>(t_sig));

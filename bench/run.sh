@@ -23,7 +23,7 @@
 #                       stream, 200 rolling-restart clients
 #   BENCH_ONLY=LIST     only these scenario groups (space separated):
 #                       handler thread idle throughput capacity cancel
-#                       upstream rolling
+#                       upstream store rolling
 #   BENCH_HANDLER_N="N.." streams of the handler scenarios (default
 #                       "1000 5000 10000"; BENCH_QUICK: "100 1000")
 #   BENCH_UPSTREAM_N=N  streams of the upstream scenario (default 1000)
@@ -53,7 +53,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/build/bench}
 QUICK=${BENCH_QUICK:-0}
 RUNS=${BENCH_RUNS:-$([[ $QUICK == 1 ]] && echo 1 || echo 3)}
-ONLY=${BENCH_ONLY:-handler thread idle throughput capacity cancel upstream rolling}
+ONLY=${BENCH_ONLY:-handler thread idle throughput capacity cancel upstream store rolling}
 GEN=${BENCH_GENERATOR:-handler}
 SERVER=${AGENTSMITHY_SERVER:-$ROOT/build/agentsmithy-server}
 CXX=${CXX:-g++}
@@ -65,6 +65,7 @@ LC=$OUT/loadclient
 GOPEER=$OUT/goserver
 CB=$OUT/cancelbench
 UPB=$OUT/upstream
+SB=$OUT/storebench
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 # The Go peer serves the scenarios of issues 3 and 8 only.
 NEED_GO=0
@@ -109,7 +110,7 @@ make_var() {  # EXPR -> make's expansion of EXPR
   make -s --no-print-directory -C "$ROOT" --eval "bench-print-var: ; @echo $1" bench-print-var 2>/dev/null
 }
 HDR_CFLAGS=() HDR_LIBS=()
-if want cancel; then
+if want cancel || want store; then
   if hdr_libs=$(make_var '$(LINK)') && [[ -n ${hdr_libs// /} ]]; then
     read -ra HDR_CFLAGS <<<"$(make_var '$(filter-out $(CXX) $(STD) $(CXXFLAGS) $(WARNINGS) -I. -MMD -MP,$(COMPILE))')"
     read -ra HDR_LIBS <<<"$hdr_libs"
@@ -139,6 +140,10 @@ if want cancel &&
   else
     echo "working tree" >"$CB.header"
   fi
+fi
+if want store && [[ ! -x $SB || $ROOT/bench/storebench.cpp -nt $SB || $ROOT/agentsmithy.hpp -nt $SB ]]; then
+  echo "bench: building storebench" >&2
+  "$CXX" "${CXXFLAGS[@]}" "${HDR_CFLAGS[@]}" -I"$ROOT" -o "$SB" "$ROOT/bench/storebench.cpp" "${HDR_LIBS[@]}"
 fi
 if [[ ! -x $SERVER ]]; then
   echo "bench: building $SERVER" >&2
@@ -205,6 +210,7 @@ run() {
   wait_idle
   echo "bench: run $RUN/$RUNS: $name" >&2
   local rc=0 txt=$OUT/$name.r$RUN.txt
+  rm -rf "$WORKDIR/.agentsmithy"  # each run starts with an empty default store
   echo "=== run $RUN" >>"$OUT/$name.log"
   timeout --kill-after=5 "$bound" "$LC" "$scenario" --server-log "$OUT/$name.log" \
     --dump "$OUT/$name.csv" "$@" >"$txt" 2>"$OUT/$name.r$RUN.err" || rc=$?
@@ -235,6 +241,7 @@ else
   CANCEL_N=1000
 fi
 H_N=${BENCH_HANDLER_N:-$H_N}
+S_N=$([[ $QUICK == 1 ]] && echo "1000" || echo "1000 10000")
 UP_N=${BENCH_UPSTREAM_N:-1000}
 ROLL_N=${BENCH_ROLLING_CLIENTS:-$([[ $QUICK == 1 ]] && echo 200 || echo 1000)}
 
@@ -312,6 +319,17 @@ upstream_run() {
     }' >>"$txt"
 }
 
+# store_count NAME: what the run of NAME left in the example server's default
+# store (SQLite, $WORKDIR/.agentsmithy/agentsmithy.sqlite3), added to its
+# results: every turn, its outcome, every chat event, to compare with what
+# the clients received.
+store_count() {
+  local txt=$OUT/$1.r$RUN.txt file=$WORKDIR/.agentsmithy/agentsmithy.sqlite3
+  if [[ -x $SB && -f $file ]]; then
+    "$SB" count "$file" >>"$txt" 2>>"$OUT/$1.r$RUN.err" || echo "store_count_error=1" >>"$txt"
+  fi
+}
+
 # rolling_run: issue 11, once. tests/ops/rolling.sh CLIENTS (two instances of
 # the server snapshot behind Debian's nginx, restarted one after the other
 # under continuous streaming; it installs nginx when missing), bounded by
@@ -348,6 +366,7 @@ for ((RUN = 1; RUN <= RUNS; RUN++)); do
   if want handler; then  # 1: paced streams through set_stream_handler
     for n in $H_N; do
       shutdown_run "h-as-$n" "$n" -- "${AS[@]}" --generator "$GEN"
+      want store && store_count "h-as-$n"
       shutdown_run "h-go-$n" "$n" -- "${GO[@]}"
     done
   fi
@@ -394,6 +413,25 @@ for ((RUN = 1; RUN <= RUNS; RUN++)); do
   fi
   if want upstream; then  # 7: streams proxied from bench/upstream.cpp (issue 9)
     upstream_run "$UP_N"
+  fi
+  if want store; then  # 9: the SQLite store (the default) against --store memory (issue 17)
+    for n in $S_N; do
+      if ! want handler || [[ " $H_N " != *" $n "* ]]; then
+        shutdown_run "h-as-$n" "$n" -- "${AS[@]}" --generator "$GEN"
+        store_count "h-as-$n"
+      fi
+      shutdown_run "h-mem-$n" "$n" -- "${AS[@]}" --generator "$GEN" --store memory
+    done
+    if ! want throughput; then
+      run tp-as 120 throughput --n 100 --tokens "$TP_TOKENS" --interval-ms 0 \
+        --run-timeout 60 --drain-timeout 10 "${PACE[@]}" -- "${AS[@]}" --generator "$GEN"
+    fi
+    run tp-mem 120 throughput --n 100 --tokens "$TP_TOKENS" --interval-ms 0 \
+      --run-timeout 60 --drain-timeout 10 "${PACE[@]}" -- "${AS[@]}" --generator "$GEN" --store memory
+    wait_idle
+    echo "bench: run $RUN/$RUNS: store (10,000 dialogs, history of 1,000 turns)" >&2
+    timeout --kill-after=5 300 "$SB" serve "$SERVER" >"$OUT/store.r$RUN.txt" 2>"$OUT/store.r$RUN.err" ||
+      echo "storebench_status=$?" >>"$OUT/store.r$RUN.txt"
   fi
 done
 if want rolling; then  # 8: rolling restart behind nginx (issue 11), once
@@ -557,6 +595,24 @@ if want upstream; then
   row "" "" "peak RSS (MiB) / threads" "$(med "$a" peak_rss_mib) / $(med "$a" peak_threads)" "-" "" ""
   row "" "" "the upstream's own lag: latest token after its due time (ms, $(runs "$a" up_sched))" "$(med "$a" up_late_max_ms)" "-" "" ""
 fi
+if want store; then
+  for n in $S_N; do
+    a=h-as-$n m=h-mem-$n
+    dm_a=$(med "$a" done_max_ms) dm_m=$(med "$m" done_max_ms)
+    rec="$(med "$a" store_turns) / $(med "$a" answered_200), $(med "$a" store_chat_events) / $(med "$a" chat_received)"
+    rec_ok=$(held ok "$(med "$a" store_turns)" == "$(med "$a" answered_200)")
+    [[ $rec_ok == yes ]] && rec_ok=$(held ok "$(med "$a" store_chat_events)" == "$(med "$a" chat_received)")
+    [[ $rec_ok == yes ]] && rec_ok=$(held ok "$(med "$a" store_turns_running)" == 0)
+    row "9 dialog store: SQLite (default) vs --store memory" "$n" "signal to done max (ms)" "$(mark "$dm_a" "$(held ratio_ok "$dm_a" "$dm_m" "<=" 1.1)")" "$dm_m (memory)" "$(ratio "$dm_a" "$dm_m")" "<= 1.1x memory"
+    row "" "" "turns recorded / streams, chat events recorded / received" "$(mark "$rec" "$rec_ok")" "-" "" "all"
+    row "" "" "turns recorded with outcome shutdown / still running" "$(med "$a" store_turns_shutdown) / $(med "$a" store_turns_running)" "-" "" "- / 0"
+    row "" "" "asked pace delivered (%), peak RSS (MiB)" "$(med "$a" pace_pct), $(med "$a" peak_rss_mib)" "$(med "$m" pace_pct), $(med "$m" peak_rss_mib) (memory)" "" ""
+  done
+  a=$(med tp-as events_per_s) m=$(med tp-mem events_per_s)
+  row "" "100 x $TP_TOKENS" "throughput, events/s" "$(mark "$a" "$(held ratio_ok "$a" "$m" ">=" 0.9)")" "$m (memory)" "$(ratio "$a" "$m")" ">= 0.9x memory"
+  row "" "10,000 dialogs" "startup, exec to /health 200, median / max of 5 (ms)" "$(mark "$(med store startup_ms_median) / $(med store startup_ms_max)" "$(held ok "$(med store startup_ms_median)" "<=" 200)")" "-" "" "<= 200"
+  row "" "1,000 turns" "history page p50 / p99 / max (ms)" "$(mark "$(med store history_p50_ms) / $(med store history_p99_ms) / $(med store history_max_ms)" "$(held ok "$(med store history_p99_ms)" "<=" 10)")" "-" "" "p99 <= 10"
+fi
 if want rolling; then
   a=rolling
   r_res=$(runs rolling rolling_result)
@@ -601,7 +657,8 @@ fi
     [[ -f $f ]] || continue
     name=$(basename "$f" .r1.txt)
     for key in held pace_pct complete_pct done_max_ms exit_ms peak_rss_mib peak_threads events_per_s t503_p99_ms cb_max_ms release_max_ms \
-      settle_server_cores settle_cpu_us_per_chat up_pace_pct up_close_max_ms up_closed_within_100ms requests_served cut_by_shutdown errors max_wait_ms other_busy_pct; do
+      settle_server_cores settle_cpu_us_per_chat up_pace_pct up_close_max_ms up_closed_within_100ms requests_served cut_by_shutdown errors max_wait_ms other_busy_pct \
+      store_turns chat_received store_chat_events startup_ms_median history_p99_ms history_max_ms; do
       grep -q "^$key=" "$f" && echo "$name $key: $(runs "$name" "$key")"
     done
   done

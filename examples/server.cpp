@@ -65,15 +65,10 @@ options:
   --model NAME              the upstream's model (AGENTSMITHY_MODEL)
   --cors-origin ORIGIN      a browser origin allowed to call the API; repeatable
                             (AGENTSMITHY_CORS_ORIGINS, comma-separated)
-  --store none|memory|sqlite
-                            where dialogs are kept: with a store the server
-                            serves AgentSmithy's dialogs API (/api/dialogs...)
-                            and remembers each dialog's turns; sqlite: in
-                            DIR/.agentsmithy/agentsmithy.sqlite3 (or
-                            --store-path), kept across restarts; memory: in
-                            this process (AGENTSMITHY_STORE, default none: each
-                            chat stands alone)
-  --store-path FILE         the SQLite file of --store sqlite
+  --store sqlite|memory      where dialogs are kept (AGENTSMITHY_STORE): sqlite
+                            (the default) in DIR/.agentsmithy/agentsmithy.sqlite3,
+                            kept across restarts; memory: in this process only
+  --store-path FILE         another SQLite file for the dialogs
   --no-chat-page            do not serve the chat page at GET /
   --ide NAME                the IDE that launched the server (shown in /health)
   --no-log-colors           never colour the log (it is coloured only on a terminal)
@@ -383,24 +378,23 @@ int main(int argc, char** argv) {
     options.grace_period = parse_seconds(*flags.grace_period, "--grace-period");
   }
   if (flags.max_streams) options.max_streams = parse_count(*flags.max_streams, "--max-streams");
-  if (auto store = setting(flags.store, "--store", "AGENTSMITHY_STORE")) {
-    if (store->first == "memory") {
-      options.store = agentsmithy::memory_store();
-    } else if (store->first == "sqlite") {
-      const std::string path = flags.store_path
-                                   ? *flags.store_path
-                                   : *flags.workdir + "/.agentsmithy/agentsmithy.sqlite3";
-      if (!flags.store_path) ::mkdir((*flags.workdir + "/.agentsmithy").c_str(), 0755);
-      try {
-        options.store = agentsmithy::sqlite_store(path);
-      } catch (const std::exception& e) {
-        fail(1, std::string("cannot open the dialog store: ") + e.what());
-      }
-    } else if (store->first != "none") {
-      fail(2, store->second + ": expected none, memory or sqlite, got '" + store->first + "'");
+  const auto store = setting(flags.store, "--store", "AGENTSMITHY_STORE");
+  const std::string store_kind = store ? store->first : "sqlite";
+  if (store_kind == "memory") {
+    if (flags.store_path) fail(2, "--store-path is the SQLite file: not with --store memory");
+    options.store = agentsmithy::memory_store();
+  } else if (store_kind == "sqlite") {
+    const std::string path =
+        flags.store_path ? *flags.store_path : *flags.workdir + "/.agentsmithy/agentsmithy.sqlite3";
+    if (!flags.store_path) ::mkdir((*flags.workdir + "/.agentsmithy").c_str(), 0755);
+    try {
+      options.store = agentsmithy::sqlite_store(path);
+    } catch (const std::exception& e) {
+      fail(1, std::string("cannot open the dialog store: ") + e.what());
     }
+  } else {
+    fail(2, store->second + ": expected sqlite or memory, got '" + store_kind + "'");
   }
-  if (flags.store_path && options.store == nullptr) fail(2, "--store-path needs --store sqlite");
   if (auto level = setting(flags.log_level, "--log-level", "LOG_LEVEL")) {
     options.log_level = parse_level(level->first, level->second);
   }

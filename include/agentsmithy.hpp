@@ -67,6 +67,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>

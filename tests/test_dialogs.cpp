@@ -1,7 +1,7 @@
 // Dialogs that outlive a stream (issue 17), end to end through a server with
 // a store: memory through a scripted OpenAI-compatible upstream, the REST
 // routes over HTTP, every turn recorded as its client received it with its
-// outcome, superseded turns, a failing store, and no store at all.
+// outcome, superseded turns, a failing store, and the default store.
 #include "support.hpp"
 #include "upstream.hpp"
 
@@ -361,17 +361,21 @@ TEST_CASE("dialogs: a failing store: store_unavailable then done; the server kee
   CHECK(dlg_call(srv.port(), "GET", "/health", 200)["store_ok"] == true);
 }
 
-TEST_CASE("dialogs: without a store, no dialogs API and each chat stands alone") {
-  RunningServer srv;
+TEST_CASE("dialogs: without Options::store the server keeps its dialogs in memory") {
+  RunningServer srv;  // test_options(): store left empty
   REQUIRE(srv.ready());
-  dlg_call(srv.port(), "GET", "/api/dialogs", 404);
-  RawClient a(srv.port()), b(srv.port());
-  a.post_chat(chat_body("hi"));
-  b.post_chat(chat_body("hi"));
+  const json list = dlg_call(srv.port(), "GET", "/api/dialogs", 200);
+  REQUIRE(list["dialogs"].size() == 1);
+  const std::string current = list["current_dialog_id"].get<std::string>();
+  RawClient a(srv.port());
+  a.post_chat(dlg_chat_body("first question"));
   REQUIRE(a.read_to_eof(10000ms));
-  REQUIRE(b.read_to_eof(10000ms));
-  CHECK(a.events.back().value("dialog_id", std::string()) !=
-        b.events.back().value("dialog_id", std::string()));
+  CHECK(a.events.back().value("dialog_id", std::string()) == current);
+  const json history = dlg_call(srv.port(), "GET", "/api/dialogs/" + current + "/history", 200);
+  REQUIRE(history["events"].size() >= 2);
+  CHECK(history["events"][0]["type"] == "user");
+  CHECK(history["events"][0]["content"] == "first question");
+  CHECK(history["events"][1]["type"] == "chat");
 }
 
 TEST_CASE("dialogs: the memory store keeps its bound when the current dialog holds it all") {

@@ -494,6 +494,44 @@ TEST_CASE("dialogs history: a turn that did not complete shows its outcome on it
       {"type":"chat","content":"so far","idx":8,"outcome":"running"}])"));
 }
 
+TEST_CASE("dialogs history: the cache's pages equal pages read afresh as turns run, end, go") {
+  auto store = agentsmithy::memory_store();
+  dlg_d::HistoryCache cache(4096);  // small: evictions happen too
+  const auto fresh = [&](std::optional<long long> limit, std::optional<long long> before) {
+    return dlg_d::history_page("D", store->turns("D", static_cast<std::size_t>(-1)), limit, before);
+  };
+  const auto same = [&](const char* when) {
+    INFO(when);
+    for (const auto& [limit, before] :
+         std::vector<std::pair<std::optional<long long>, std::optional<long long>>>{
+             {std::nullopt, std::nullopt}, {3, std::nullopt}, {2, 5}, {100, 1}, {1, 0}}) {
+      CHECK(cache.page(*store, "D", limit, before) == fresh(limit, before));
+    }
+  };
+  store->create_dialog("D", std::nullopt);
+  same("empty");
+  for (int i = 0; i < 12; ++i) {
+    dlg_store_turn(*store, "D", "t" + std::to_string(i), "q" + std::to_string(i),
+                   i % 3 == 0 ? "" : std::string(300, 'a' + i % 26));
+  }
+  same("twelve ended turns");
+  same("again, from the cache");
+  CHECK(cache.bytes() <= 4096);
+
+  store->begin_turn("D", "run", dlg_user("running"));
+  store->append("run", 1, {dlg_chat("so far")});
+  same("a running turn");
+  store->append("run", 2, {dlg_chat(", and more")});
+  same("the running turn grew");
+  store->end_turn("run", TurnOutcome::shutdown, "");
+  same("the running turn ended");
+
+  store->delete_dialog("D");
+  store->create_dialog("D", std::nullopt);
+  dlg_store_turn(*store, "D", "t-new", "new", "answer");
+  same("the dialog deleted and made again");
+}
+
 TEST_CASE("dialogs history: dialog JSON has a null title until named") {
   DialogInfo d{"x", std::nullopt, "2026-12-07T11:09:20.123456Z", "2026-12-07T11:09:21.000000Z"};
   CHECK(dlg_d::dialog_json(d) == dlg_json::parse(R"({"id":"x","title":null,

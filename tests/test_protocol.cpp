@@ -123,7 +123,7 @@ TEST_CASE("stream: a keep-alive request still gets a complete stream, then the c
   CHECK(c.read_to_eof(2000ms));
 }
 
-TEST_CASE("stream: a dialog_id is assigned when absent or null; context defaults to {}") {
+TEST_CASE("stream: absent or null, the dialog_id is the current dialog's; context defaults to {}") {
   auto seen = std::make_shared<Seen>();
   RunningServer rs(test_options(), [&](agentsmithy::Server& s) {
     s.chat_service().set_generator([seen](const ChatRequest& req, StreamWriter& out) {
@@ -151,9 +151,14 @@ TEST_CASE("stream: a dialog_id is assigned when absent or null; context defaults
   }
   // design: 32 hex characters
   CHECK(std::regex_match(id_a, std::regex("[0-9a-f]{32}")));
+  // AgentSmithy's rule: the server's current dialog, the same for both.
   stream_request(b, rs.port(), body);
   check_well_formed_stream(b);
-  CHECK(b.events.front().value("dialog_id", std::string()) != id_a);
+  CHECK(b.events.front().value("dialog_id", std::string()) == id_a);
+  RawClient current(rs.port());
+  REQUIRE(current.request("GET", "/api/dialogs/current", "", {{"Accept", "application/json"}}));
+  REQUIRE(current.read_response());
+  CHECK(current.body_json().value("id", std::string()) == id_a);
 }
 
 TEST_CASE("stream: a generator that returns without writing gets done appended") {

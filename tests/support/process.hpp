@@ -11,6 +11,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <filesystem>
 
 namespace test {
 
@@ -116,9 +117,10 @@ class ServerProcess {
     argv_s.insert(argv_s.end(), spec.args.begin(), spec.args.end());
     std::vector<std::string> env_s;
     const char* const dropped[] = {
-        "SERVER_HOST=",    "SERVER_PORT=",       "LOG_LEVEL=",
-        "LOG_FORMAT=",     "AGENTSMITHY_TOKEN=", "OPENAI_BASE_URL=",
-        "OPENAI_API_KEY=", "AGENTSMITHY_MODEL=", "AGENTSMITHY_CORS_ORIGINS="};
+        "SERVER_HOST=",      "SERVER_PORT=",       "LOG_LEVEL=",
+        "LOG_FORMAT=",       "AGENTSMITHY_TOKEN=", "OPENAI_BASE_URL=",
+        "OPENAI_API_KEY=",   "AGENTSMITHY_MODEL=", "AGENTSMITHY_CORS_ORIGINS=",
+        "AGENTSMITHY_STORE="};
     for (char** e = environ; *e; ++e) {
       bool drop = false;
       for (const char* d : dropped) drop = drop || std::strncmp(*e, d, std::strlen(d)) == 0;
@@ -190,8 +192,8 @@ class ServerProcess {
     }
     if (reader_.joinable()) reader_.join();
     if (!workdir.empty()) {
-      ::unlink((workdir + "/.env").c_str());
-      ::rmdir(workdir.c_str());
+      std::error_code ignored;  // .env, and .agentsmithy/ with the SQLite store
+      std::filesystem::remove_all(workdir, ignored);
     }
   }
   ServerProcess(const ServerProcess&) = delete;

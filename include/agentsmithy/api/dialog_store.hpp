@@ -82,6 +82,15 @@ class DialogStore {
   // The dialog's turns in order, the last `max_turns` of them.
   virtual std::vector<TurnRecord> turns(const std::string& dialog_id, std::size_t max_turns) = 0;
   virtual std::optional<TurnRecord> turn(const std::string& turn_id) = 0;
+  // turns() without the events: history reads the events only of turns it
+  // has not seen end (an ended turn never changes). The default drops them
+  // from turns(); a store that can list turns more cheaply overrides it.
+  virtual std::vector<TurnRecord> turn_headers(const std::string& dialog_id,
+                                               std::size_t max_turns) {
+    std::vector<TurnRecord> out = turns(dialog_id, max_turns);
+    for (TurnRecord& t : out) t.events.clear();
+    return out;
+  }
 
   // True when other processes share it (issue 18: hand-off at shutdown).
   virtual bool shared() const { return false; }

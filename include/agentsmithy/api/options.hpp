@@ -60,12 +60,13 @@ struct Options {
   // What the host found wrong with its configuration (say, an upstream URL
   // that failed validation): /health reports config_valid false and these.
   std::vector<std::string> config_errors;
-  // Where dialogs and their turns are kept: with a store, the server serves
-  // AgentSmithy's dialogs API (/api/dialogs...), records every turn as its
-  // client receives it, and remembers a dialog's earlier turns; e.g.
-  // memory_store(). Empty: none of that (each chat stands alone).
+  // Where dialogs and their turns are kept: the server serves AgentSmithy's
+  // dialogs API (/api/dialogs...) from it, records every turn as its client
+  // receives it, and remembers a dialog's earlier turns. Empty: a
+  // memory_store() of the server's own (64 MiB, nothing outlives the
+  // process); sqlite_store(path) keeps them across restarts.
   std::shared_ptr<DialogStore> store;
-  // With a store: a chat request that names its dialog_id and whose messages
+  // A chat request that names its dialog_id and whose messages
   // are exactly one user message reaches the producer with the dialog's
   // earlier turns (user and assistant texts, in order) before it; at most the
   // last 50 turns and 256 KiB of their text.

@@ -9,10 +9,6 @@ namespace detail {
 // server's current dialog, created when there is none; unknown but valid, a
 // new dialog with that id. Throws StoreError (or what the store throws).
 inline void resolve_dialog(Core& core, ChatRequest& request) {
-  if (!core.store) {
-    if (request.dialog_id.empty()) request.dialog_id = new_dialog_id();
-    return;
-  }
   DialogStore& store = *core.store;
   if (!request.dialog_id.empty()) {
     if (!store.find_dialog(request.dialog_id)) store.create_dialog(request.dialog_id, std::nullopt);
@@ -27,7 +23,7 @@ inline void resolve_dialog(Core& core, ChatRequest& request) {
 // with more messages manages its own history and is taken as given; one
 // without a dialog_id (curl, a load test) is not given the current dialog's.
 inline void remember(Core& core, ChatRequest& request, bool named) {
-  if (!core.store || !named || !core.options.dialog_memory || request.messages.size() != 1 ||
+  if (!named || !core.options.dialog_memory || request.messages.size() != 1 ||
       request.messages[0].role != "user") {
     return;
   }
@@ -55,7 +51,6 @@ inline std::string user_text(const ChatRequest& request) {
 // store failed (the turn then ends with store_unavailable).
 inline bool start_turn(Core& core, const std::shared_ptr<Channel>& ch, const std::string& query,
                        bool named) {
-  if (!core.store) return true;
   std::shared_ptr<Channel> previous;
   if (named) {
     std::lock_guard<std::mutex> lock(core.running_turns_mu);

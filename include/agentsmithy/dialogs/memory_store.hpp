@@ -164,6 +164,23 @@ class MemoryDialogStore final : public DialogStore {
     return out;
   }
 
+  std::vector<TurnRecord> turn_headers(const std::string& dialog_id,
+                                       std::size_t max_turns) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<TurnRecord> out;
+    const auto it = dialogs_.find(dialog_id);
+    if (it == dialogs_.end()) return out;
+    const auto& ids = it->second.turn_ids;
+    const std::size_t n = std::min(max_turns, ids.size());
+    out.reserve(n);
+    for (std::size_t i = ids.size() - n; i < ids.size(); ++i) {
+      const TurnRecord& t = turns_.at(ids[i]);
+      out.push_back(TurnRecord{
+          t.turn_id, t.dialog_id, t.outcome, t.error_code, t.started_at, t.ended_at, {}});
+    }
+    return out;
+  }
+
   std::optional<TurnRecord> turn(const std::string& turn_id) override {
     std::lock_guard<std::mutex> lock(mu_);
     const auto it = turns_.find(turn_id);

@@ -210,25 +210,12 @@ class SqliteDialogStore final : public DialogStore {
   }
 
   std::vector<TurnRecord> turns(const std::string& dialog_id, std::size_t max_turns) override {
-    std::vector<TurnRecord> out;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (max_turns == 0 || dialogs_.count(dialog_id) == 0) return out;
-      wait_committed_locked(lock, queued_seq_);
-    }
-    std::lock_guard<std::mutex> read(read_mu_);
-    ReadSnapshot snapshot(*this);
-    const auto limit = static_cast<sqlite3_int64>(
-        std::min<std::uint64_t>(max_turns, static_cast<std::uint64_t>(INT64_MAX)));
-    {
-      Use q(*this, rdb_.get(), turns_of_dialog_, "cannot read turns");
-      q.text(1, dialog_id);
-      q.int64(2, limit);
-      while (q.step()) out.push_back(q.turn_row());
-    }
-    std::reverse(out.begin(), out.end());
-    for (TurnRecord& t : out) read_events(t);
-    return out;
+    return read_turns(dialog_id, max_turns, true);
+  }
+
+  std::vector<TurnRecord> turn_headers(const std::string& dialog_id,
+                                       std::size_t max_turns) override {
+    return read_turns(dialog_id, max_turns, false);
   }
 
   std::optional<TurnRecord> turn(const std::string& turn_id) override {
@@ -667,6 +654,33 @@ class SqliteDialogStore final : public DialogStore {
       if (it != turns_.end() && !it->second.running) turns_.erase(it);
       ended_.pop_front();
     }
+  }
+
+  // The last `max_turns` turns of the dialog in order, with their events or
+  // without, in one read transaction after what was queued is committed.
+  std::vector<TurnRecord> read_turns(const std::string& dialog_id, std::size_t max_turns,
+                                     bool with_events) {
+    std::vector<TurnRecord> out;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (max_turns == 0 || dialogs_.count(dialog_id) == 0) return out;
+      wait_committed_locked(lock, queued_seq_);
+    }
+    std::lock_guard<std::mutex> read(read_mu_);
+    ReadSnapshot snapshot(*this);
+    const auto limit = static_cast<sqlite3_int64>(
+        std::min<std::uint64_t>(max_turns, static_cast<std::uint64_t>(INT64_MAX)));
+    {
+      Use q(*this, rdb_.get(), turns_of_dialog_, "cannot read turns");
+      q.text(1, dialog_id);
+      q.int64(2, limit);
+      while (q.step()) out.push_back(q.turn_row());
+    }
+    std::reverse(out.begin(), out.end());
+    if (with_events) {
+      for (TurnRecord& t : out) read_events(t);
+    }
+    return out;
   }
 
   void read_events(TurnRecord& t) {

@@ -158,8 +158,7 @@ class DialogsApi {
         }
       }
       if (!store_->find_dialog(id)) return not_found(res, id);
-      const auto turns = store_->turns(id, static_cast<std::size_t>(-1));
-      reply(res, 200, history_page(id, turns, limit, before));
+      reply(res, 200, history_.page(*store_, id, limit, before));
     });
   }
 
@@ -280,6 +279,7 @@ class DialogsApi {
   // both create a default one.
   std::mutex& current_mu_;
   StoreHealth& health_;
+  HistoryCache history_;  // each ended turn's history, computed once
 };
 
 }  // namespace detail

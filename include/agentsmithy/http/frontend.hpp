@@ -106,8 +106,7 @@ class HttpFrontend final : public HttplibServer {
 
 inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
     : core_(std::move(core)),
-      dialogs_(core_->store ? core_->store : memory_store(), core_->current_dialog_mu,
-               core_->store_health),
+      dialogs_(core_->store, core_->current_dialog_mu, core_->store_health),
       pool_(core_->options.max_streams + 64, std::chrono::milliseconds(2000)),
       room_(*core_, [this](int fd, std::size_t served) {
         pool_.enqueue([this, fd, served] { serve(fd, served); });
@@ -168,7 +167,7 @@ inline HttpFrontend::HttpFrontend(std::shared_ptr<Core> core)
       [this](const httplib::Request& req, httplib::Response& res) { handle_health(req, res); });
   Get("/metrics",
       [this](const httplib::Request& req, httplib::Response& res) { handle_metrics(req, res); });
-  if (core_->store) add_dialog_routes();
+  add_dialog_routes();
   std::vector<Core::HostRoute> routes;
   {
     std::lock_guard<std::mutex> lock(core_->mu);

@@ -11,7 +11,7 @@ struct Core {
   explicit Core(Options opts)
       : options(std::move(opts)),
         life(options.lame_duck.count() > 0, [this] { changed(); }),
-        store(options.store),
+        store(options.store ? options.store : memory_store()),
         store_health([this](const std::string& m) { log(LogLevel::warning, m); }),
         hub(options, metrics, [this] { changed(); }) {}
   Core(const Core&) = delete;
@@ -122,8 +122,7 @@ struct Core {
 
   const Options options;
   Lifecycle life;  // see Lifecycle: every reader of the server's state asks it
-  // Dialogs and their turns (Options::store; none: no dialogs API, nothing
-  // recorded, as before it existed).
+  // Dialogs and their turns: Options::store, or a memory_store() of its own.
   const std::shared_ptr<DialogStore> store;
   StoreHealth store_health;
   // Held while the current dialog is read and maybe created (the REST API,

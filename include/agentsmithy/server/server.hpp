@@ -283,7 +283,7 @@ inline bool Server::listen() {
   // There is always a current dialog (AgentSmithy's clients need one).
   try {
     std::lock_guard<std::mutex> lock(core->current_dialog_mu);
-    if (core->store) detail::ensure_current_dialog(*core->store);
+    detail::ensure_current_dialog(*core->store);
   } catch (const std::exception& e) {
     core->store_health.failed("creating the current dialog", e);
   }
