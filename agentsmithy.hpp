@@ -2615,6 +2615,10 @@ class SqliteDialogStore final : public DialogStore {
       fail(wdb_.get(), "cannot use WAL mode");
     }
     exec(wdb_.get(), "PRAGMA synchronous=NORMAL", "cannot set synchronous=NORMAL");
+    // Every running turn appends to its own pages: with a thousand streams a
+    // commit touches a thousand pages, which the default 2 MiB cache would
+    // read back from the file each time.
+    exec(wdb_.get(), "PRAGMA cache_size=-65536", "cannot set cache_size");
     exec(wdb_.get(), "BEGIN IMMEDIATE", "cannot lock the file to check its schema");
     try {
       check_or_create_schema();
@@ -4519,37 +4523,78 @@ inline std::size_t StreamHub::write_shutdown_tails(
   // client's events would wait for every close before them), then the
   // producers are woken: thousands of woken threads would otherwise compete
   // with these writes.
-  // Their turns' logs first, synced once for all: the store holds every
-  // event a client receives before the client receives it.
-  DialogStore* sync = nullptr;
+  //
+  // The rule shutdown_tails_follow_their_sync: a turn's shutdown error and
+  // outcome are in the store, synced, before its client gets them. The turns
+  // are recorded in chunks; a syncer thread makes each recorded chunk
+  // durable (one sync covers whatever was recorded before it: group commit)
+  // while this thread records the next ones and writes the tails of the
+  // chunks already durable, so recording, committing and writing overlap.
+  constexpr std::size_t kChunk = 64;
+  const std::size_t chunks = (ending.size() + kChunk - 1) / kChunk;
+  DialogStore* store = nullptr;
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->closed || !ch->turn || ch->turn->ended()) continue;
-    record_shutdown_locked(*ch);
-    sync = ch->turn->store();
-  }
-  if (sync) {
-    try {
-      sync->sync();
-    } catch (const std::exception& e) {
-      log(options_, LogLevel::warning,
-          std::string("dialog store: sync at shutdown failed: ") + e.what());
+    if (ch->turn && !ch->turn->ended()) {
+      store = ch->turn->store();
+      break;
     }
+  }
+  std::mutex sync_mu;
+  std::condition_variable sync_cv;
+  std::size_t recorded = 0, synced = 0;  // chunks
+  std::thread syncer;
+  if (store) {
+    syncer = std::thread([&] {
+      name_thread("as-sync");
+      std::unique_lock<std::mutex> lock(sync_mu);
+      while (synced < chunks) {
+        sync_cv.wait(lock, [&] { return recorded > synced; });
+        const std::size_t upto = recorded;
+        lock.unlock();
+        try {
+          store->sync();
+        } catch (const std::exception& e) {
+          log(options_, LogLevel::warning,
+              std::string("dialog store: sync at shutdown failed: ") + e.what());
+        }
+        lock.lock();
+        synced = upto;
+        sync_cv.notify_all();
+      }
+    });
+  }
+  for (std::size_t c = 0; store && c < chunks; ++c) {
+    for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
+      std::lock_guard<std::mutex> lock(ending[i]->mu);
+      if (!ending[i]->closed) record_shutdown_locked(*ending[i]);
+    }
+    std::lock_guard<std::mutex> lock(sync_mu);
+    ++recorded;
+    sync_cv.notify_all();
   }
   std::vector<Channel*> written;
   written.reserve(ending.size());
-  for (const auto& ch : ending) {
-    Flow flow = Flow::open;
-    {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      if (ch->closed || ch->kind != ChannelKind::sse) continue;
-      metrics_.count_events_sent(2);
-      append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
-      flow = flush_locked(*ch, false, false);
-      if (flow == Flow::open && ch->unsent() == 0) written.push_back(ch.get());
+  for (std::size_t c = 0; c < chunks; ++c) {
+    if (store) {
+      std::unique_lock<std::mutex> lock(sync_mu);
+      sync_cv.wait(lock, [&] { return synced > c; });
     }
-    if (flow != Flow::open) forget(*ch);
+    for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
+      Channel& ch = *ending[i];
+      Flow flow = Flow::open;
+      {
+        std::lock_guard<std::mutex> lock(ch.mu);
+        if (ch.closed || ch.kind != ChannelKind::sse) continue;
+        metrics_.count_events_sent(2);
+        append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
+        flow = flush_locked(ch, false, false);
+        if (flow == Flow::open && ch.unsent() == 0) written.push_back(&ch);
+      }
+      if (flow != Flow::open) forget(ch);
+    }
   }
+  if (syncer.joinable()) syncer.join();
   for (Channel* ch : written) {
     {
       std::lock_guard<std::mutex> lock(ch->mu);
@@ -5507,6 +5552,7 @@ class SocketStream final : public httplib::Stream {
 
   ssize_t read(char* ptr, size_t size) override {
     if (failed_) return -1;
+    if (!in_head_ && !body_framed_) return 0;  // see scan_head: no body
     if (buffered() == 0) {
       if (!ready(POLLIN, read_budget())) return fail();  // the deadline passed
       ssize_t n;
@@ -5522,6 +5568,7 @@ class SocketStream final : public httplib::Stream {
       // The library would buffer a request line or header of any length.
       for (std::size_t i = 0; i < take; ++i) {
         const char c = buffer_[begin_ + i];
+        scan_head(c);
         const bool bare_lf_pair = c == '\n' && last_ == '\n';  // "\n\n" ends it too
         head_end_ = (c == '\r' || c == '\n') ? head_end_ + 1 : 0;
         last_ = c;
@@ -5569,6 +5616,9 @@ class SocketStream final : public httplib::Stream {
     head_bytes_ = 0;
     head_end_ = 0;
     last_ = 0;
+    body_framed_ = false;
+    in_name_ = true;
+    name_.clear();
   }
   // A read timed out or the request head was too long: what is left on the
   // connection cannot be told from a next request, so it must close.
@@ -5580,6 +5630,28 @@ class SocketStream final : public httplib::Stream {
   ssize_t fail() {
     failed_ = true;
     return -1;
+  }
+
+  // The rule request_without_framing_has_no_body (RFC 9112, 6.3): a request
+  // head without Content-Length or Transfer-Encoding has an empty body.
+  // cpp-httplib 0.11 would instead read a POST or PATCH body until the
+  // connection closes, and answer 400 after the read timeout; Chromium's
+  // fetch sends a bodiless PATCH that way. So the head's header names are
+  // watched, and a body read after a head without either sees its end.
+  void scan_head(char c) {
+    if (c == '\n') {
+      in_name_ = true;
+      name_.clear();
+    } else if (in_name_) {
+      if (c == ':') {
+        in_name_ = false;
+        body_framed_ = body_framed_ || name_ == "content-length" || name_ == "transfer-encoding";
+      } else if (name_.size() < 20) {
+        name_ += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      } else {
+        in_name_ = false;
+      }
+    }
   }
 
   std::chrono::milliseconds read_budget() const {
@@ -5627,6 +5699,9 @@ class SocketStream final : public httplib::Stream {
   std::size_t head_bytes_ = 0;
   int head_end_ = 0;  // CR/LF characters in a row, to find the blank line
   char last_ = 0;
+  bool body_framed_ = false;  // the head has Content-Length or Transfer-Encoding
+  bool in_name_ = true;       // scanning a header line's name
+  std::string name_;          // its first characters, lower-cased
 };
 
 }  // namespace detail

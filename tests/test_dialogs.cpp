@@ -245,6 +245,28 @@ TEST_CASE("dialogs: the REST routes over HTTP, /current before {id}") {
   dlg_call(port, "DELETE", "/api/dialogs/" + second, 404);
 }
 
+TEST_CASE("dialogs: a PATCH or POST without Content-Length (as Chromium sends it) has no body") {
+  DlgServer s;
+  const int port = s.srv->port();
+  const std::string first =
+      dlg_call(port, "GET", "/api/dialogs/current", 200)["id"].get<std::string>();
+  RawClient c(port);
+  // Two requests on one connection, neither with Content-Length or
+  // Transfer-Encoding: each answered at once, the second read as a request.
+  REQUIRE(c.send_all("POST /api/dialogs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"));
+  REQUIRE(c.read_response(2000ms));
+  INFO(c.summary());
+  CHECK(c.status == 200);
+  const std::string created = c.body_json().value("id", std::string());
+  CHECK(created != first);
+  c.next_response();
+  REQUIRE(c.send_all("PATCH /api/dialogs/current?id=" + first +
+                     " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"));
+  REQUIRE(c.read_response(2000ms));
+  CHECK(c.status == 200);
+  CHECK(dlg_call(port, "GET", "/api/dialogs/current", 200)["id"] == first);
+}
+
 TEST_CASE("dialogs: a chat without dialog_id joins the current dialog") {
   DlgServer s;
   const std::string current =

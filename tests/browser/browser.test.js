@@ -263,15 +263,30 @@ test('the page from another origin: with --cors-origin the preflight and both tr
           assert.equal(post.status, 200);
           assert.equal(post.resHeaders['access-control-allow-origin'], origin.origin);
 
+          // The dialogs API across origins too: the list after the turn, then a new dialog.
+          const listed = await proxy.waitFor(() => proxy.requests.find((r) => r.method === 'GET' && r.path === '/api/dialogs' && r.ended),
+                                             10000, 'the list after the turn');
+          assert.equal(listed.status, 200);
+          assert.equal(listed.resHeaders['access-control-allow-origin'], origin.origin);
+          await h.waitForView(page, (v) => v.state === 'ready' && v.dialogs.length === 1 && v.dialogs[0].current,
+                              {what: 'the list from the other origin'});
           await page.click('#new-dialog');
+          const created = await h.waitForView(page, (v) => v.dialogs.length === 2 && v.dialogs[0].current && v.history === 'ready',
+                                              {what: 'the new dialog'});
+          assert.equal(proxy.requests.filter((r) => r.method === 'POST' && r.path === '/api/dialogs' && r.status === 200).length, 1);
           await h.ask(page, 'hello', {transport: 'eventsource', serverUrl: proxy.url, context: SHORT});
           t = await h.turnEnded(page);
           assert.equal(t.state, 'done', JSON.stringify(t.notices));
           assert.equal(t.chunks, 5);
+          assert.equal(t.dialogId, created.dialogId, 'the question went to the new dialog');
           const getReq = proxy.api('GET')[0];
           assert.equal(getReq.headers.origin, origin.origin);
           assert.equal(getReq.resHeaders['access-control-allow-origin'], origin.origin);
-          assert.deepEqual(page.consoleErrors(), []);
+          assert.equal(new URL(getReq.url, proxy.url).searchParams.get('dialog_id'), created.dialogId);
+          // Only the page's load-time GET /api/dialogs failed: it went to the static origin (no
+          // server URL yet), which has no API and answers 404.
+          const errors = page.consoleErrors().filter((m) => !m.url.startsWith(origin.url + '/api/dialogs'));
+          assert.deepEqual(errors, []);
         });
       } finally {
         await proxy.close();
@@ -320,6 +335,21 @@ test('AGENTSMITHY_TOKEN: the page with the token streams over fetch (Bearer) and
   try {
     await withPage('token', async (page) => {
       await h.openChatPage(page, proxy.url);  // GET / itself needs no token
+      // The dialogs API needs it: refused until the token is entered, then the list loads.
+      let v = await h.waitForView(page, (v) => v.state === 'failed', {what: 'the list refused'});
+      assert.match(v.error, /HTTP 401/);
+      await page.evaluate(() => {
+        const token = document.getElementById('token');
+        token.value = 'secret';
+        token.dispatchEvent(new Event('change'));
+      });
+      v = await h.waitForView(page, (v) => v.state === 'ready' && v.history === 'ready' && v.dialogs.length === 1,
+                              {what: 'the list with the token'});
+      assert.equal(v.error, null);
+      const dialogCalls = proxy.requests.filter((r) => r.path.startsWith('/api/dialogs'));
+      assert.deepEqual(dialogCalls.map((r) => [r.headers.authorization, r.status]),
+                       [[undefined, 401], ['Bearer secret', 200], ['Bearer secret', 200]],
+                       'list without the token, then list and history with it');
 
       await h.ask(page, 'hello', {transport: 'fetch', token: 'secret', context: SHORT});
       let t = await h.turnEnded(page);
@@ -387,14 +417,31 @@ for (const transport of ['fetch', 'eventsource']) {
 // ---- 8. rendering, against a scripted SSE server -------------------------------------------------
 // A stand-in for the server that sends reasoning and tool_call events (the demo sends neither),
 // holds the stream open until the test releases it, and frames with CRLF and split writes.
-async function startScripted() {
+// It also answers the page's dialogs calls: one dialog, d1, whose history is history(limit).
+async function startScripted({history = () => ({events: [], total_events: 0, has_more: false, first_idx: 0, last_idx: 0})} = {}) {
   const chatHtml = fs.readFileSync(h.CHAT_PAGE, 'utf8');
-  const s = {releases: [], requests: []};
+  const s = {releases: [], requests: [], dialogRequests: []};
   const server = http.createServer((req, res) => {
     if (req.url === '/') {
       res.writeHead(200, {'Content-Type': 'text/html; charset=utf-8'});
       res.end(chatHtml);
       return;
+    }
+    const url = new URL(req.url, 'http://127.0.0.1');
+    if (url.pathname.startsWith('/api/dialogs')) {
+      s.dialogRequests.push({method: req.method, url: req.url});
+      const reply = (status, body) => {
+        res.writeHead(status, {'Content-Type': 'application/json'});
+        res.end(JSON.stringify(body));
+      };
+      if (req.method === 'GET' && url.pathname === '/api/dialogs') {
+        return reply(200, {current_dialog_id: 'd1', dialogs: [{id: 'd1', title: 'Scripted', created_at: '2026-01-01T00:00:00Z',
+                                                               updated_at: '2026-01-01T00:00:00Z'}]});
+      }
+      if (req.method === 'GET' && url.pathname === '/api/dialogs/d1/history') {
+        return reply(200, {dialog_id: 'd1', ...history(Number(url.searchParams.get('limit')))});
+      }
+      return reply(404, {error: 'not scripted'});
     }
     let body = '';
     req.on('data', (c) => { body += c; });
@@ -448,13 +495,13 @@ for (const transport of ['fetch', 'eventsource']) {
         assert.equal(t.content, 'Hello, world ✓');
         assert.equal(t.ended, 1);
         assert.deepEqual(t.notices, []);
-        if (transport === 'fetch') {  // the second question carries the dialog and the history
+        if (transport === 'fetch') {  // the second question: the dialog and only the new message
           await h.ask(page, 'cut it', {transport});
           await page.waitForFunction(() => document.querySelector('.turn:last-of-type [data-role=content]')?.textContent === 'Hello, ',
                                      {timeout: 20000});
           const sent = JSON.parse(s.requests.at(-1).body);
           assert.equal(sent.dialog_id, 'd1');
-          assert.deepEqual(sent.messages.map((m) => m.role), ['user', 'assistant', 'user']);
+          assert.deepEqual(sent.messages, [{role: 'user', content: 'cut it'}], 'the server remembers the earlier turns');
           assert.equal(sent.stream, true);
         } else {
           await h.ask(page, 'cut it', {transport});
@@ -477,3 +524,200 @@ for (const transport of ['fetch', 'eventsource']) {
     }
   });
 }
+
+// ---- 9. dialogs ----------------------------------------------------------------------------------
+async function getJson(url) {
+  const res = await get(url);
+  assert.equal(res.status, 200, `GET ${url}: ${res.body}`);
+  return JSON.parse(res.body);
+}
+
+const pick = (t) => ({source: t.source, user: t.user, content: t.content});
+
+test('chat page dialogs: a reload shows the history; New dialog; switching back shows its history; a reload keeps the current dialog',
+     {timeout: 120000}, () => withServer({}, (server) => withPage('dialogs', async (page) => {
+  const posted = [];  // the bodies of POST /api/chat, as Chromium sent them
+  page.on('request', (r) => {
+    if (r.method() === 'POST' && new URL(r.url()).pathname === '/api/chat') posted.push(JSON.parse(r.postData()));
+  });
+  await h.openChatPage(page, server.url);
+  let v = await h.waitForView(page, (v) => v.state === 'ready' && v.history === 'ready', {what: 'the first load'});
+  assert.equal(v.dialogs.length, 1, 'the server keeps a current dialog from the start');
+  const d1 = v.dialogs[0].id;
+  assert.deepEqual(v.dialogs[0], {id: d1, current: true, title: 'New dialog', untitled: true});
+  assert.equal(v.dialogId, d1);
+  assert.deepEqual(v.turns, []);
+  assert.ok(v.empty);
+
+  // A question, answered, then a reload: the history shows both as they were.
+  const q1 = 'Hello <b>there</b> & "friends"';
+  await h.ask(page, q1);
+  let t = await h.turnEnded(page);
+  assert.equal(t.state, 'done', JSON.stringify(t.notices));
+  assert.equal(t.dialogId, d1);
+  const a1 = t.content;
+  assert.ok(a1.startsWith(`You said: "${q1}".`), a1);
+  assert.deepEqual(posted.at(-1), {messages: [{role: 'user', content: q1}], stream: true, dialog_id: d1});
+
+  await page.reload({waitUntil: 'load'});
+  v = await h.waitForView(page, (v) => v.state === 'ready' && v.history === 'ready' && v.turns.length > 0,
+                          {what: 'the history after a reload'});
+  assert.equal(v.dialogId, d1);
+  assert.deepEqual(v.turns.map(pick), [{source: 'history', user: q1, content: a1}]);
+  assert.equal(v.turns[0].outcome, 'completed');
+  assert.deepEqual(v.turns[0].notices, []);
+  assert.equal(await page.$$eval('#transcript b', (b) => b.length), 0, 'the question is shown as text, not HTML');
+  assert.deepEqual(v.dialogs.map((d) => [d.id, d.current]), [[d1, true]]);
+
+  // New dialog: the transcript empties, the list has two, the new one on top and current.
+  await page.click('#new-dialog');
+  v = await h.waitForView(page, (v, d1) => v.dialogs.length === 2 && v.dialogId && v.dialogId !== d1 && v.history === 'ready',
+                          {arg: d1, what: 'the new dialog'});
+  const d2 = v.dialogId;
+  assert.deepEqual(v.turns, []);
+  assert.ok(v.empty);
+  assert.deepEqual(v.dialogs.map((d) => [d.id, d.current]), [[d2, true], [d1, false]]);
+  assert.equal((await getJson(server.url + '/api/dialogs/current')).id, d2, "the server's current dialog");
+
+  const q2 = 'A second dialog';
+  await h.ask(page, q2);
+  t = await h.turnEnded(page);
+  assert.equal(t.state, 'done', JSON.stringify(t.notices));
+  assert.equal(t.dialogId, d2);
+  const a2 = t.content;
+  assert.ok(a2.startsWith(`You said: "${q2}".`), a2);
+  assert.deepEqual(posted.at(-1), {messages: [{role: 'user', content: q2}], stream: true, dialog_id: d2});
+  await h.waitForView(page, (v) => v.state === 'ready', {what: 'the list refreshed after the turn'});
+
+  // Back to the first: its history, and it is current on the server.
+  await page.click(`#dialog-list li[data-dialog-id="${d1}"] [data-role=open]`);
+  v = await h.waitForView(page, (v, d1) => v.dialogId === d1 && v.history === 'ready' && v.turns.length > 0 &&
+                                           v.dialogs.some((d) => d.id === d1 && d.current),
+                          {arg: d1, what: 'the first dialog again'});
+  assert.deepEqual(v.turns.map(pick), [{source: 'history', user: q1, content: a1}]);
+  assert.deepEqual(v.dialogs.filter((d) => d.current).map((d) => d.id), [d1]);
+  assert.equal((await getJson(server.url + '/api/dialogs/current')).id, d1);
+
+  // A follow-up there: only the new message goes, with the dialog; then that dialog tops the list.
+  const q3 = 'And a follow-up';
+  await h.ask(page, q3);
+  t = await h.turnEnded(page);
+  assert.equal(t.state, 'done', JSON.stringify(t.notices));
+  assert.equal(t.dialogId, d1);
+  const a3 = t.content;
+  assert.deepEqual(posted.at(-1), {messages: [{role: 'user', content: q3}], stream: true, dialog_id: d1});
+  v = await h.waitForView(page, (v, d1) => v.dialogs.length === 2 && v.dialogs[0].id === d1, {arg: d1, what: 'the list in updated_at order'});
+  assert.deepEqual(v.dialogs.map((d) => [d.id, d.current]), [[d1, true], [d2, false]]);
+
+  // A reload: still the first dialog, with both of its turns.
+  await page.reload({waitUntil: 'load'});
+  v = await h.waitForView(page, (v) => v.state === 'ready' && v.history === 'ready' && v.turns.length > 0,
+                          {what: 'the history after the second reload'});
+  assert.equal(v.dialogId, d1);
+  assert.deepEqual(v.turns.map(pick), [{source: 'history', user: q1, content: a1}, {source: 'history', user: q3, content: a3}]);
+  assert.deepEqual(v.dialogs.map((d) => [d.id, d.current]), [[d1, true], [d2, false]]);
+  assert.equal(v.error, null);
+  const other = (await getJson(`${server.url}/api/dialogs/${d2}/history`)).events.map((e) => [e.type, e.content]);
+  assert.deepEqual(other, [['user', q2], ['chat', a2]], 'the second dialog kept its own turn');
+  await h.screenshot(page, 'chat-dialogs.png');
+  assert.deepEqual(page.consoleErrors(), []);
+})));
+
+test('chat page dialogs: rename and delete; a title is shown as text', {timeout: 90000},
+     () => withServer({}, (server) => withPage('dialogs-rename', async (page) => {
+  const TITLE = '<img src=x onerror="window.__xss=1">Plans & "notes"';
+  const prompts = [];
+  page.on('dialog', async (d) => {
+    prompts.push({type: d.type(), message: d.message()});
+    if (d.type() === 'prompt') await d.accept(TITLE);
+    else await d.accept();
+  });
+  await h.openChatPage(page, server.url);
+  let v = await h.waitForView(page, (v) => v.state === 'ready' && v.history === 'ready', {what: 'the first load'});
+  const d1 = v.dialogId;
+  await h.ask(page, 'first');
+  assert.equal((await h.turnEnded(page)).state, 'done');
+  await page.click('#new-dialog');
+  v = await h.waitForView(page, (v) => v.dialogs.length === 2 && v.dialogs[0].current && v.history === 'ready',
+                          {what: 'the new dialog'});
+  const d2 = v.dialogId;
+
+  // Rename the first (not the current one): PATCH /api/dialogs/{id}; the list shows the title as text.
+  const row1 = `#dialog-list li[data-dialog-id="${d1}"]`;
+  await page.hover(row1);
+  await page.click(`${row1} [data-role=rename]`);
+  v = await h.waitForView(page, (v, [d1, title]) => v.dialogs.some((d) => d.id === d1 && d.title === title),
+                          {arg: [d1, TITLE], what: 'the new title'});
+  assert.deepEqual(prompts.map((p) => p.type), ['prompt']);
+  assert.equal(v.dialogs.find((d) => d.id === d1).untitled, false);
+  assert.equal(await page.$$eval('#dialog-list img', (i) => i.length), 0, 'no element made from the title');
+  assert.equal(await page.evaluate(() => window.__xss), undefined);
+  assert.equal(v.dialogId, d2, 'renaming does not switch');
+  const listed = await getJson(server.url + '/api/dialogs');
+  assert.equal(listed.dialogs.find((d) => d.id === d1).title, TITLE);
+
+  // Delete the current one: the server makes the first current again, and the page shows it.
+  const row2 = `#dialog-list li[data-dialog-id="${d2}"]`;
+  await page.hover(row2);
+  await page.click(`${row2} [data-role=delete]`);
+  v = await h.waitForView(page, (v, d1) => v.dialogs.length === 1 && v.dialogId === d1 && v.history === 'ready' && v.turns.length > 0,
+                          {arg: d1, what: 'the first dialog after the delete'});
+  assert.deepEqual(prompts.map((p) => p.type), ['prompt', 'confirm']);
+  assert.deepEqual(v.dialogs, [{id: d1, current: true, title: TITLE, untitled: false}]);
+  assert.deepEqual(v.turns.map((t) => t.user), ['first']);
+  assert.equal((await getJson(server.url + '/api/dialogs/current')).id, d1);
+  assert.equal((await get(`${server.url}/api/dialogs/${d2}/history`)).status, 404);
+  assert.deepEqual(page.consoleErrors(), []);
+})));
+
+test('chat page dialogs: renders a history with reasoning, tool calls, edits and a cut answer; "Show earlier messages" loads more',
+     {timeout: 60000}, async () => {
+  const all = [
+    {type: 'user', content: 'q0', idx: 0},
+    {type: 'reasoning', content: 'Thinking first.'},
+    {type: 'chat', content: 'Answer zero.', idx: 1},
+    {type: 'user', content: 'Read <i>a.md</i>', idx: 2},
+    {type: 'reasoning', content: 'Let me look.'},
+    {type: 'chat', content: 'It says hi.', idx: 3},
+    {type: 'tool_call', id: 'c1', name: 'read_file', args: {path: 'a.md'}},
+    {type: 'file_edit', file: 'a.md', diff: '+hi'},
+    {type: 'user', content: 'q2', idx: 4},
+    {type: 'chat', content: 'Half an ans', idx: 5, outcome: 'shutdown'},
+  ];
+  // The page asks for the last 50 messages; this dialog answers 4 (idx 2..5) and has_more, then
+  // all 6 when asked for 100.
+  const history = (limit) => (limit >= 100
+    ? {events: all, total_events: all.length, has_more: false, first_idx: 0, last_idx: 5}
+    : {events: all.slice(3), total_events: all.length, has_more: true, first_idx: 2, last_idx: 5});
+  const s = await startScripted({history});
+  try {
+    await withPage('history-render', async (page) => {
+      await page.goto(s.url + '/');
+      let v = await h.waitForView(page, (v) => v.state === 'ready' && v.history === 'ready' && v.turns.length > 0,
+                                  {what: 'the scripted history'});
+      assert.equal(v.dialogId, 'd1');
+      assert.deepEqual(v.dialogs, [{id: 'd1', current: true, title: 'Scripted', untitled: false}]);
+      assert.ok(v.loadEarlier, 'has_more: a button for earlier messages');
+      assert.deepEqual(v.turns.map((t) => t.user), ['Read <i>a.md</i>', 'q2']);
+      assert.equal(await page.$$eval('#transcript i', (i) => i.length), 0);
+      assert.deepEqual(v.turns[0], {
+        source: 'history', state: 'history', outcome: 'completed', user: 'Read <i>a.md</i>', content: 'It says hi.',
+        reasoning: 'Let me look.', toolCalls: [{name: 'read_file', args: {path: 'a.md'}}],
+        notices: [{kind: 'info', text: 'Edited a.md'}]});
+      assert.equal(v.turns[1].outcome, 'shutdown');
+      assert.equal(v.turns[1].content, 'Half an ans');
+      assert.deepEqual(v.turns[1].notices.map((n) => n.kind), ['shutdown']);
+
+      await page.click('#load-earlier');
+      v = await h.waitForView(page, (v) => v.history === 'ready' && v.turns.length === 3, {what: 'the earlier messages'});
+      assert.equal(v.loadEarlier, false);
+      assert.deepEqual(v.turns.map((t) => [t.user, t.content, t.reasoning]),
+                       [['q0', 'Answer zero.', 'Thinking first.'], ['Read <i>a.md</i>', 'It says hi.', 'Let me look.'], ['q2', 'Half an ans', null]]);
+      assert.deepEqual(s.dialogRequests.map((r) => r.method + ' ' + r.url),
+                       ['GET /api/dialogs', 'GET /api/dialogs/d1/history?limit=50', 'GET /api/dialogs/d1/history?limit=100']);
+      assert.deepEqual(page.consoleErrors(), []);
+    });
+  } finally {
+    await s.close();
+  }
+});

@@ -181,7 +181,8 @@ async function newPage(browser) {
   const context = await browser.createBrowserContext();
   const page = await context.newPage();
   page.consoleMessages = [];
-  page.on('console', (m) => page.consoleMessages.push({type: m.type(), text: m.text()}));
+  // url: where it came from (for a failed request, the request's URL).
+  page.on('console', (m) => page.consoleMessages.push({type: m.type(), text: m.text(), url: (m.location() || {}).url || ''}));
   page.on('pageerror', (e) => page.consoleMessages.push({type: 'pageerror', text: String(e && e.message || e)}));
   page.consoleErrors = () => page.consoleMessages.filter((m) => m.type === 'error' || m.type === 'pageerror');
   page.closeAll = () => context.close().catch(() => {});
@@ -247,6 +248,56 @@ function lastTurn(page) {
   });
 }
 
+// What the page shows of its dialogs: the list (newest first), the transcript's dialog and
+// its turns (from the history or streamed live), and the last dialog error. Runs in the page.
+function dialogSnapshot() {
+  const list = document.getElementById('dialogs');
+  const tr = document.getElementById('transcript');
+  const error = document.getElementById('dialogs-error');
+  return {
+    state: list.dataset.state,
+    dialogs: Array.from(document.querySelectorAll('#dialog-list > li')).map((li) => {
+      const title = li.querySelector('[data-role=title]');
+      return {id: li.dataset.dialogId, current: li.dataset.current === 'true', title: title.textContent,
+              untitled: title.dataset.untitled === 'true'};
+    }),
+    error: error.hidden ? null : error.textContent,
+    dialogId: tr.dataset.dialogId || null,
+    history: tr.dataset.history,
+    loadEarlier: !!document.getElementById('load-earlier'),
+    empty: !!document.getElementById('empty'),
+    turns: Array.from(tr.querySelectorAll('.turn')).map((t) => {
+      const reasoning = t.querySelector('[data-role=reasoning]');
+      return {
+        source: t.dataset.source || 'live', state: t.dataset.state, outcome: t.dataset.outcome || null,
+        user: t.querySelector('[data-role=user]') ? t.querySelector('[data-role=user]').textContent : null,
+        content: t.querySelector('[data-role=content]').textContent,
+        reasoning: reasoning.hidden ? null : reasoning.querySelector('[data-role=reasoning-text]').textContent,
+        toolCalls: Array.from(t.querySelectorAll('[data-role=tool-call]')).map((c) => ({
+          name: c.dataset.name, args: JSON.parse(c.querySelector('[data-role=tool-args]').textContent)})),
+        notices: Array.from(t.querySelectorAll('[data-role=notice]')).map((n) => ({kind: n.dataset.kind, text: n.textContent})),
+      };
+    }),
+  };
+}
+
+function dialogView(page) {
+  return page.evaluate(dialogSnapshot);
+}
+
+// Resolves with the dialog view once pred(view, arg) holds, checked in the page on every frame:
+// pred runs there, so it sees only its arguments (arg: anything JSON).
+async function waitForView(page, pred, {arg = null, ms = 20000, what = 'the dialog view'} = {}) {
+  try {
+    await page.waitForFunction(`(${pred})((${dialogSnapshot})(), ${JSON.stringify(arg)})`, {timeout: ms});
+  } catch (e) {
+    let view;
+    try { view = await dialogView(page); } catch (_) { view = '(page gone)'; }
+    throw new Error(`${e.message}: waiting for ${what}; the page shows ${JSON.stringify(view)}`);
+  }
+  return dialogView(page);
+}
+
 async function screenshot(page, name) {
   fs.mkdirSync(ARTIFACTS, {recursive: true});
   const file = path.join(ARTIFACTS, name);
@@ -277,4 +328,5 @@ function parseSse(text) {
 }
 
 module.exports = {ROOT, SERVER_BIN, CHAT_PAGE, ARTIFACTS, PAGE_FROM_DISK, until, startServer, startProxy,
-                  launchBrowser, newPage, openChatPage, ask, turnEnded, lastTurn, screenshot, parseSse};
+                  launchBrowser, newPage, openChatPage, ask, turnEnded, lastTurn, screenshot, parseSse,
+                  dialogView, waitForView};

@@ -92,6 +92,9 @@ export async function makeRoot() {
 
 export const statusPath = (root) => path.join(root, '.agentsmithy', 'status.json');
 
+// Where the server keeps its dialogs by default (no --store, no --store-path).
+export const storePath = (root) => path.join(root, '.agentsmithy', 'agentsmithy.sqlite3');
+
 // What the extension's readStatus() does: the parsed object, or null for a
 // missing or unparsable file. `strict` also reports which it was.
 export function readStatus(root) {
@@ -239,7 +242,10 @@ export class ServerProcess {
 // that would change what the test means unless it sets them itself.
 export function baseEnv(extra = {}) {
   const env = { ...process.env };
-  for (const k of ['SERVER_PORT', 'SERVER_HOST', 'AGENTSMITHY_TOKEN', 'LOG_LEVEL', 'LOG_FORMAT', 'LOG_COLORS', 'LD_PRELOAD', 'STATUS_TRACE']) {
+  for (const k of [
+    'SERVER_PORT', 'SERVER_HOST', 'AGENTSMITHY_TOKEN', 'LOG_LEVEL', 'LOG_FORMAT', 'LOG_COLORS', 'LD_PRELOAD', 'STATUS_TRACE',
+    'AGENTSMITHY_STORE', 'OPENAI_BASE_URL', 'AGENTSMITHY_MODEL',
+  ]) {
     delete env[k];
   }
   return { ...env, ...extra };
@@ -357,16 +363,37 @@ export async function getJson(port, p) {
   return { status: res.status, headers: res.headers, body, text };
 }
 
+// A REST call as the extension's ApiService makes it: Accept:
+// application/json and, with a JSON body, Content-Type: application/json.
+export async function apiRequest(port, method, p, body) {
+  const headers = { Accept: 'application/json' };
+  const init = { method, headers, signal: AbortSignal.timeout(10000) };
+  if (body !== undefined) {
+    headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(base(port) + p, init);
+  const text = await res.text();
+  let parsed = null;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    // left null
+  }
+  return { status: res.status, headers: res.headers, body: parsed, text };
+}
+
 export function chatBody(query, extra = {}) {
   return JSON.stringify({ messages: [{ role: 'user', content: query }], stream: true, ...extra });
 }
 
 // Opens a stream with fetch as the extension's StreamService does. For an
 // answer other than 200 there is no reader; `text` holds its body.
-export async function openStream(port, { method = 'POST', query = 'Hello', body, search = '' } = {}) {
+// `headers` are added to (or override) the defaults.
+export async function openStream(port, { method = 'POST', query = 'Hello', body, search = '', headers = {} } = {}) {
   const init = {
     method,
-    headers: { Accept: 'text/event-stream', ...(method === 'POST' ? { 'Content-Type': 'application/json' } : {}) },
+    headers: { Accept: 'text/event-stream', ...(method === 'POST' ? { 'Content-Type': 'application/json' } : {}), ...headers },
   };
   if (method === 'POST') init.body = body ?? chatBody(query);
   const res = await fetch(base(port) + '/api/chat' + search, init);

@@ -379,6 +379,10 @@ class SqliteDialogStore final : public DialogStore {
       fail(wdb_.get(), "cannot use WAL mode");
     }
     exec(wdb_.get(), "PRAGMA synchronous=NORMAL", "cannot set synchronous=NORMAL");
+    // Every running turn appends to its own pages: with a thousand streams a
+    // commit touches a thousand pages, which the default 2 MiB cache would
+    // read back from the file each time.
+    exec(wdb_.get(), "PRAGMA cache_size=-65536", "cannot set cache_size");
     exec(wdb_.get(), "BEGIN IMMEDIATE", "cannot lock the file to check its schema");
     try {
       check_or_create_schema();

@@ -103,6 +103,7 @@ class SocketStream final : public httplib::Stream {
 
   ssize_t read(char* ptr, size_t size) override {
     if (failed_) return -1;
+    if (!in_head_ && !body_framed_) return 0;  // see scan_head: no body
     if (buffered() == 0) {
       if (!ready(POLLIN, read_budget())) return fail();  // the deadline passed
       ssize_t n;
@@ -118,6 +119,7 @@ class SocketStream final : public httplib::Stream {
       // The library would buffer a request line or header of any length.
       for (std::size_t i = 0; i < take; ++i) {
         const char c = buffer_[begin_ + i];
+        scan_head(c);
         const bool bare_lf_pair = c == '\n' && last_ == '\n';  // "\n\n" ends it too
         head_end_ = (c == '\r' || c == '\n') ? head_end_ + 1 : 0;
         last_ = c;
@@ -165,6 +167,9 @@ class SocketStream final : public httplib::Stream {
     head_bytes_ = 0;
     head_end_ = 0;
     last_ = 0;
+    body_framed_ = false;
+    in_name_ = true;
+    name_.clear();
   }
   // A read timed out or the request head was too long: what is left on the
   // connection cannot be told from a next request, so it must close.
@@ -176,6 +181,28 @@ class SocketStream final : public httplib::Stream {
   ssize_t fail() {
     failed_ = true;
     return -1;
+  }
+
+  // The rule request_without_framing_has_no_body (RFC 9112, 6.3): a request
+  // head without Content-Length or Transfer-Encoding has an empty body.
+  // cpp-httplib 0.11 would instead read a POST or PATCH body until the
+  // connection closes, and answer 400 after the read timeout; Chromium's
+  // fetch sends a bodiless PATCH that way. So the head's header names are
+  // watched, and a body read after a head without either sees its end.
+  void scan_head(char c) {
+    if (c == '\n') {
+      in_name_ = true;
+      name_.clear();
+    } else if (in_name_) {
+      if (c == ':') {
+        in_name_ = false;
+        body_framed_ = body_framed_ || name_ == "content-length" || name_ == "transfer-encoding";
+      } else if (name_.size() < 20) {
+        name_ += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      } else {
+        in_name_ = false;
+      }
+    }
   }
 
   std::chrono::milliseconds read_budget() const {
@@ -223,6 +250,9 @@ class SocketStream final : public httplib::Stream {
   std::size_t head_bytes_ = 0;
   int head_end_ = 0;  // CR/LF characters in a row, to find the blank line
   char last_ = 0;
+  bool body_framed_ = false;  // the head has Content-Length or Transfer-Encoding
+  bool in_name_ = true;       // scanning a header line's name
+  std::string name_;          // its first characters, lower-cased
 };
 
 }  // namespace detail

@@ -532,37 +532,78 @@ inline std::size_t StreamHub::write_shutdown_tails(
   // client's events would wait for every close before them), then the
   // producers are woken: thousands of woken threads would otherwise compete
   // with these writes.
-  // Their turns' logs first, synced once for all: the store holds every
-  // event a client receives before the client receives it.
-  DialogStore* sync = nullptr;
+  //
+  // The rule shutdown_tails_follow_their_sync: a turn's shutdown error and
+  // outcome are in the store, synced, before its client gets them. The turns
+  // are recorded in chunks; a syncer thread makes each recorded chunk
+  // durable (one sync covers whatever was recorded before it: group commit)
+  // while this thread records the next ones and writes the tails of the
+  // chunks already durable, so recording, committing and writing overlap.
+  constexpr std::size_t kChunk = 64;
+  const std::size_t chunks = (ending.size() + kChunk - 1) / kChunk;
+  DialogStore* store = nullptr;
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
-    if (ch->closed || !ch->turn || ch->turn->ended()) continue;
-    record_shutdown_locked(*ch);
-    sync = ch->turn->store();
-  }
-  if (sync) {
-    try {
-      sync->sync();
-    } catch (const std::exception& e) {
-      log(options_, LogLevel::warning,
-          std::string("dialog store: sync at shutdown failed: ") + e.what());
+    if (ch->turn && !ch->turn->ended()) {
+      store = ch->turn->store();
+      break;
     }
+  }
+  std::mutex sync_mu;
+  std::condition_variable sync_cv;
+  std::size_t recorded = 0, synced = 0;  // chunks
+  std::thread syncer;
+  if (store) {
+    syncer = std::thread([&] {
+      name_thread("as-sync");
+      std::unique_lock<std::mutex> lock(sync_mu);
+      while (synced < chunks) {
+        sync_cv.wait(lock, [&] { return recorded > synced; });
+        const std::size_t upto = recorded;
+        lock.unlock();
+        try {
+          store->sync();
+        } catch (const std::exception& e) {
+          log(options_, LogLevel::warning,
+              std::string("dialog store: sync at shutdown failed: ") + e.what());
+        }
+        lock.lock();
+        synced = upto;
+        sync_cv.notify_all();
+      }
+    });
+  }
+  for (std::size_t c = 0; store && c < chunks; ++c) {
+    for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
+      std::lock_guard<std::mutex> lock(ending[i]->mu);
+      if (!ending[i]->closed) record_shutdown_locked(*ending[i]);
+    }
+    std::lock_guard<std::mutex> lock(sync_mu);
+    ++recorded;
+    sync_cv.notify_all();
   }
   std::vector<Channel*> written;
   written.reserve(ending.size());
-  for (const auto& ch : ending) {
-    Flow flow = Flow::open;
-    {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      if (ch->closed || ch->kind != ChannelKind::sse) continue;
-      metrics_.count_events_sent(2);
-      append_locked(*ch, ch->tail_locked(shutdown_error_event(), true));
-      flow = flush_locked(*ch, false, false);
-      if (flow == Flow::open && ch->unsent() == 0) written.push_back(ch.get());
+  for (std::size_t c = 0; c < chunks; ++c) {
+    if (store) {
+      std::unique_lock<std::mutex> lock(sync_mu);
+      sync_cv.wait(lock, [&] { return synced > c; });
     }
-    if (flow != Flow::open) forget(*ch);
+    for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
+      Channel& ch = *ending[i];
+      Flow flow = Flow::open;
+      {
+        std::lock_guard<std::mutex> lock(ch.mu);
+        if (ch.closed || ch.kind != ChannelKind::sse) continue;
+        metrics_.count_events_sent(2);
+        append_locked(ch, ch.tail_locked(shutdown_error_event(), true));
+        flow = flush_locked(ch, false, false);
+        if (flow == Flow::open && ch.unsent() == 0) written.push_back(&ch);
+      }
+      if (flow != Flow::open) forget(ch);
+    }
   }
+  if (syncer.joinable()) syncer.join();
   for (Channel* ch : written) {
     {
       std::lock_guard<std::mutex> lock(ch->mu);
