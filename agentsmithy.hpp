@@ -1960,8 +1960,27 @@ namespace detail {
 // The memory dialog store (the default)
 // ===========================================================================
 
-// Everything under one mutex. Its size is the dumped JSON of every stored
-// event plus every title; past `max_bytes` the dialogs updated longest ago
+// About the size of `e` dumped as JSON, without dumping it (it is counted for
+// every event a stream sends).
+inline std::size_t json_bytes(const nlohmann::json& e) {
+  switch (e.type()) {
+    case nlohmann::json::value_t::object: {
+      std::size_t n = 2;
+      for (const auto& [key, value] : e.items()) n += key.size() + 4 + json_bytes(value);
+      return n;
+    }
+    case nlohmann::json::value_t::array: {
+      std::size_t n = 2;
+      for (const auto& value : e) n += 1 + json_bytes(value);
+      return n;
+    }
+    case nlohmann::json::value_t::string: return e.get_ref<const std::string&>().size() + 2;
+    default: return 8;
+  }
+}
+
+// Everything under one mutex. Its size is about the dumped JSON of every
+// stored event (json_bytes) plus every title; past `max_bytes` the dialogs updated longest ago
 // are evicted (never the current one, nor one with a running turn).
 class MemoryDialogStore final : public DialogStore {
  public:
@@ -2042,7 +2061,7 @@ class MemoryDialogStore final : public DialogStore {
     turn.dialog_id = dialog_id;
     turn.started_at = next_stamp_locked();
     turn.events.push_back(user_event);
-    const std::size_t size = dump_json(user_event).size();
+    const std::size_t size = json_bytes(user_event);
     turns_.emplace(turn_id, std::move(turn));
     d.turn_ids.push_back(turn_id);
     d.bytes += size;
@@ -2065,15 +2084,14 @@ class MemoryDialogStore final : public DialogStore {
     }
     std::size_t added = 0;
     for (std::uint64_t i = have - first; i < events.size(); ++i) {
-      added += dump_json(events[i]).size();
+      added += json_bytes(events[i]);
       turn.events.push_back(events[i]);
     }
     if (first + events.size() <= have) return;  // all of it a replay
     Dialog& d = dialogs_.at(turn.dialog_id);
     d.bytes += added;
     bytes_ += added;
-    touch_locked(d);
-    enforce_bound_locked();
+    enforce_bound_locked();  // updated_at moves when a turn begins and ends
   }
 
   void end_turn(const std::string& turn_id, TurnOutcome outcome,
@@ -2205,7 +2223,7 @@ class MemoryDialogStore final : public DialogStore {
           continue;
         }
         std::size_t size = 0;
-        for (const nlohmann::json& e : turn->second.events) size += dump_json(e).size();
+        for (const nlohmann::json& e : turn->second.events) size += json_bytes(e);
         size = std::min(size, dialog.bytes);
         dialog.bytes -= size;
         bytes_ -= size;
@@ -2414,8 +2432,7 @@ class SqliteDialogStore final : public DialogStore {
         std::make_move_iterator(dumped.begin() + static_cast<std::ptrdiff_t>(have - first)),
         std::make_move_iterator(dumped.end()));
     t->next = first + dumped.size();
-    touch_locked(dialogs_.at(t->dialog_id), op);
-    enqueue_locked(std::move(op));
+    enqueue_locked(std::move(op));  // updated_at moves when a turn begins and ends
   }
 
   void end_turn(const std::string& turn_id, TurnOutcome outcome,
@@ -2596,7 +2613,10 @@ class SqliteDialogStore final : public DialogStore {
     Db db(raw);
     if (rc != SQLITE_OK) fail(db.get(), "cannot open");
     sqlite3_extended_result_codes(db.get(), 1);
-    if (sqlite3_busy_timeout(db.get(), 5000) != SQLITE_OK)
+    // Our one writer never waits for itself; another process's lock (the
+    // sqlite3 shell) is waited for this long, then the commit fails: a turn's
+    // done is held at most that long, and the shutdown not even that.
+    if (sqlite3_busy_timeout(db.get(), 1000) != SQLITE_OK)
       fail(db.get(), "cannot set busy_timeout");
     return db;
   }
@@ -3466,6 +3486,7 @@ class TurnLog {
 
   const std::string& turn_id() const { return turn_id_; }
   DialogStore* store() const { return store_.get(); }
+  const std::shared_ptr<DialogStore>& shared_store() const { return store_; }
   bool ended() const { return ended_; }
 
   // Position 0: the user's message. False (and nothing more is recorded)
@@ -4530,55 +4551,71 @@ inline std::size_t StreamHub::write_shutdown_tails(
   // durable (one sync covers whatever was recorded before it: group commit)
   // while this thread records the next ones and writes the tails of the
   // chunks already durable, so recording, committing and writing overlap.
+  // A store that does not sync within the grace period (a file locked by
+  // another process) does not hold the shutdown: the tails go out anyway
+  // and the syncer, which owns what it uses, finishes on its own.
   constexpr std::size_t kChunk = 64;
   const std::size_t chunks = (ending.size() + kChunk - 1) / kChunk;
-  DialogStore* store = nullptr;
+  std::shared_ptr<DialogStore> store;
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
     if (ch->turn && !ch->turn->ended()) {
-      store = ch->turn->store();
+      store = ch->turn->shared_store();
       break;
     }
   }
-  std::mutex sync_mu;
-  std::condition_variable sync_cv;
-  std::size_t recorded = 0, synced = 0;  // chunks
-  std::thread syncer;
+  struct SyncState {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::size_t recorded = 0, synced = 0;  // chunks
+    std::string error;
+  };
+  const auto sync = std::make_shared<SyncState>();
   if (store) {
-    syncer = std::thread([&] {
+    std::thread([sync, store, chunks] {
       name_thread("as-sync");
-      std::unique_lock<std::mutex> lock(sync_mu);
-      while (synced < chunks) {
-        sync_cv.wait(lock, [&] { return recorded > synced; });
-        const std::size_t upto = recorded;
+      std::unique_lock<std::mutex> lock(sync->mu);
+      while (sync->synced < chunks) {
+        sync->cv.wait(lock, [&] { return sync->recorded > sync->synced; });
+        const std::size_t upto = sync->recorded;
         lock.unlock();
+        std::string error;
         try {
           store->sync();
         } catch (const std::exception& e) {
-          log(options_, LogLevel::warning,
-              std::string("dialog store: sync at shutdown failed: ") + e.what());
+          error = e.what();
         }
         lock.lock();
-        synced = upto;
-        sync_cv.notify_all();
+        if (sync->error.empty()) sync->error = std::move(error);
+        sync->synced = upto;
+        sync->cv.notify_all();
       }
-    });
-  }
-  for (std::size_t c = 0; store && c < chunks; ++c) {
-    for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
-      std::lock_guard<std::mutex> lock(ending[i]->mu);
-      if (!ending[i]->closed) record_shutdown_locked(*ending[i]);
+    }).detach();
+    for (std::size_t c = 0; c < chunks; ++c) {
+      for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
+        std::lock_guard<std::mutex> lock(ending[i]->mu);
+        if (!ending[i]->closed) record_shutdown_locked(*ending[i]);
+      }
+      std::lock_guard<std::mutex> lock(sync->mu);
+      ++sync->recorded;
+      sync->cv.notify_all();
     }
-    std::lock_guard<std::mutex> lock(sync_mu);
-    ++recorded;
-    sync_cv.notify_all();
   }
+  const auto sync_deadline = std::chrono::steady_clock::now() + options_.grace_period;
+  bool sync_late = false, error_logged = false;
   std::vector<Channel*> written;
   written.reserve(ending.size());
   for (std::size_t c = 0; c < chunks; ++c) {
-    if (store) {
-      std::unique_lock<std::mutex> lock(sync_mu);
-      sync_cv.wait(lock, [&] { return synced > c; });
+    if (store && !sync_late) {
+      std::unique_lock<std::mutex> lock(sync->mu);
+      sync_late = !sync->cv.wait_until(lock, sync_deadline, [&] { return sync->synced > c; });
+      if (sync_late) {
+        log(options_, LogLevel::warning,
+            "dialog store: not synced within the grace period; the shutdown goes on without it");
+      } else if (!sync->error.empty() && !error_logged) {
+        log(options_, LogLevel::warning, "dialog store: sync at shutdown failed: " + sync->error);
+        error_logged = true;
+      }
     }
     for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
       Channel& ch = *ending[i];
@@ -4594,7 +4631,6 @@ inline std::size_t StreamHub::write_shutdown_tails(
       if (flow != Flow::open) forget(ch);
     }
   }
-  if (syncer.joinable()) syncer.join();
   for (Channel* ch : written) {
     {
       std::lock_guard<std::mutex> lock(ch->mu);

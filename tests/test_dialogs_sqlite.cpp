@@ -1,11 +1,13 @@
 // Dialogs kept in SQLite across restarts (issue 17), with the example server
 // as a real process: a restart keeps every dialog; streams cut by SIGTERM are
 // in the history exactly as their clients received them; a SIGKILL loses at
-// most the last moments and never the file; a file that is no store stops the
-// server at start.
+// most the last moments and never the file; a file locked by another process
+// at run time holds neither the streams nor the shutdown; a file that is no
+// store stops the server at start.
 #include "support.hpp"
 
 #ifdef AGENTSMITHY_SQLITE_SUPPORT
+#include <sqlite3.h>
 
 using namespace test;
 
@@ -144,6 +146,81 @@ TEST_CASE("sqlite store: a SIGKILL mid-stream loses at most the last moments, ne
   MESSAGE("SIGKILL: " << missing.size() << " bytes (" << chunks << " words) not stored");
   CHECK(chunks <= 3 * 20);  // a chunk is about 3 words; 20 chunks = 200 ms
   CHECK(outcome == "running");
+}
+
+TEST_CASE(
+    "sqlite store: a file locked by another process: streams finish, health says so, "
+    "the shutdown is not held") {
+  SqlDir dir;
+  ServerProcess::Spec spec = sql_spec(dir.file());
+  spec.args.insert(spec.args.end(), {"--grace-period", "1"});
+  ServerProcess p(spec);
+  const int port = p.require_ready();
+  {
+    RawClient c(port);
+    REQUIRE(c.post_chat(sql_chat("before", 3, 10)));
+    REQUIRE(c.read_to_eof(10000ms));
+    REQUIRE(c.count("done") == 1);
+  }
+  CHECK(sql_get(port, "/health")["store_ok"] == true);
+
+  // Another process takes the file's write lock and keeps it.
+  sqlite3* other = nullptr;
+  REQUIRE(sqlite3_open(dir.file().c_str(), &other) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(other, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr) == SQLITE_OK);
+
+  RawClient during(port);
+  REQUIRE(during.post_chat(sql_chat("during", 3, 10)));
+  REQUIRE(during.read_to_eof(15000ms));  // it finishes, unrecorded
+  CHECK(during.count("done") == 1);
+  const auto asked = Clock::now();
+  const json health = sql_get(port, "/health");
+  CHECK(Clock::now() - asked < 1000ms);  // served while the store is stuck
+  CHECK(health["store_ok"] == false);
+  {
+    RawClient m(port);
+    REQUIRE(m.get("/metrics"));
+    REQUIRE(m.read_response());
+    CHECK(m.body.find("agentsmithy_store_errors_total 0\n") == std::string::npos);
+    CHECK(m.body.find("agentsmithy_store_errors_total ") != std::string::npos);
+  }
+
+  // A SIGTERM with a stream running and the file still locked: the client
+  // gets its end, and the exit waits for neither the lock nor the store.
+  // (A new turn may first be refused: the failed commit is reported to the
+  // next write, which is that turn's start: store_unavailable, then done.)
+  std::unique_ptr<RawClient> cut;
+  for (int attempt = 0; attempt < 3 && !cut; ++attempt) {
+    auto c = std::make_unique<RawClient>(port);
+    REQUIRE(c->post_chat(sql_chat("cut", 100000, 20)));
+    REQUIRE(c->read_until([&] { return c->count("chat") >= 2 || c->count("done") == 1; }, 10000ms));
+    if (c->count("done") == 1) {
+      REQUIRE(c->count("error") == 1);
+      CHECK(c->events[c->events.size() - 2].value("code", std::string()) == "store_unavailable");
+    } else {
+      cut = std::move(c);
+    }
+  }
+  REQUIRE(cut);
+  cut->start_background_read(20000ms);
+  const auto signalled = Clock::now();
+  REQUIRE(p.signal(SIGTERM));
+  cut->join_background();
+  CHECK(cut->count("error") == 1);
+  CHECK(cut->count("done") == 1);
+  REQUIRE(p.wait_exit(15000ms));
+  const auto exit_ms = std::chrono::duration_cast<milliseconds>(Clock::now() - signalled);
+  MESSAGE("locked store: exit " << exit_ms.count() << " ms after SIGTERM (grace 1 s)");
+  CHECK(exit_ms < 6000ms);
+  CHECK(p.exit_code() == 0);
+  CHECK(p.output().find("store") != std::string::npos);  // logged
+
+  sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr);
+  sqlite3_close(other);
+  ServerProcess again(sql_spec(dir.file()));
+  const int port2 = again.require_ready();
+  CHECK(sql_assistant(port2, "before").second == "completed");
+  CHECK(sql_get(port2, "/health")["store_ok"] == true);
 }
 
 TEST_CASE("sqlite store: a file that is not a store stops the server at start, naming it") {

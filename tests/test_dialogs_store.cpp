@@ -195,8 +195,8 @@ TEST_CASE("dialogs store: a turn is an append-only log with a cursor and one fin
   const std::string before_append = store->find_dialog("d")->updated_at;
 
   store->append("t1", 1, {dlg_chat("a"), dlg_chat("b")});
-  CHECK(store->find_dialog("d")->updated_at > before_append);
-  store->append("t1", 2, {dlg_chat("b"), dlg_chat("c")});  // position 2 again: a replay
+  CHECK(store->find_dialog("d")->updated_at == before_append);  // moves when a turn begins, ends
+  store->append("t1", 2, {dlg_chat("b"), dlg_chat("c")});       // position 2 again: a replay
   store->append("t1", 4, {});
   CHECK_THROWS_AS(store->append("t1", 9, {dlg_chat("x")}), std::invalid_argument);
   store->append("unknown-turn", 1, {dlg_chat("x")});  // ignored
@@ -236,11 +236,11 @@ TEST_CASE("dialogs store: a turn is an append-only log with a cursor and one fin
 TEST_CASE("dialogs store: bounded in bytes, the oldest dialogs are evicted first") {
   const std::string text(200, 'x');
   const std::size_t turn_bytes =
-      dlg_d::dump_json(dlg_user(text)).size() + dlg_d::dump_json(dlg_chat(text)).size();
+      dlg_d::json_bytes(dlg_user(text)) + dlg_d::json_bytes(dlg_chat(text));
   auto shared = agentsmithy::memory_store(2 * turn_bytes + 10);
   auto& store = dynamic_cast<dlg_d::MemoryDialogStore&>(*shared);
 
-  SUBCASE("bytes count the dumped events and the titles") {
+  SUBCASE("bytes count the events (about their JSON) and the titles") {
     store.create_dialog("t", std::string("12345"));
     CHECK(store.bytes_used() == 5);
     dlg_store_turn(store, "t", "t1", text, text);
@@ -318,7 +318,7 @@ TEST_CASE("dialogs store: concurrent turns, renames and listings from several th
     for (const auto& t : turns) {
       CHECK(t.events.size() == static_cast<std::size_t>(1 + kChunks));
       CHECK(t.outcome == TurnOutcome::completed);
-      for (const auto& e : t.events) bytes += dlg_d::dump_json(e).size();
+      for (const auto& e : t.events) bytes += dlg_d::json_bytes(e);
     }
   }
   CHECK(store.bytes_used() == bytes);

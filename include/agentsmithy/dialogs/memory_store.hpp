@@ -18,8 +18,27 @@ namespace detail {
 // The memory dialog store (the default)
 // ===========================================================================
 
-// Everything under one mutex. Its size is the dumped JSON of every stored
-// event plus every title; past `max_bytes` the dialogs updated longest ago
+// About the size of `e` dumped as JSON, without dumping it (it is counted for
+// every event a stream sends).
+inline std::size_t json_bytes(const nlohmann::json& e) {
+  switch (e.type()) {
+    case nlohmann::json::value_t::object: {
+      std::size_t n = 2;
+      for (const auto& [key, value] : e.items()) n += key.size() + 4 + json_bytes(value);
+      return n;
+    }
+    case nlohmann::json::value_t::array: {
+      std::size_t n = 2;
+      for (const auto& value : e) n += 1 + json_bytes(value);
+      return n;
+    }
+    case nlohmann::json::value_t::string: return e.get_ref<const std::string&>().size() + 2;
+    default: return 8;
+  }
+}
+
+// Everything under one mutex. Its size is about the dumped JSON of every
+// stored event (json_bytes) plus every title; past `max_bytes` the dialogs updated longest ago
 // are evicted (never the current one, nor one with a running turn).
 class MemoryDialogStore final : public DialogStore {
  public:
@@ -100,7 +119,7 @@ class MemoryDialogStore final : public DialogStore {
     turn.dialog_id = dialog_id;
     turn.started_at = next_stamp_locked();
     turn.events.push_back(user_event);
-    const std::size_t size = dump_json(user_event).size();
+    const std::size_t size = json_bytes(user_event);
     turns_.emplace(turn_id, std::move(turn));
     d.turn_ids.push_back(turn_id);
     d.bytes += size;
@@ -123,15 +142,14 @@ class MemoryDialogStore final : public DialogStore {
     }
     std::size_t added = 0;
     for (std::uint64_t i = have - first; i < events.size(); ++i) {
-      added += dump_json(events[i]).size();
+      added += json_bytes(events[i]);
       turn.events.push_back(events[i]);
     }
     if (first + events.size() <= have) return;  // all of it a replay
     Dialog& d = dialogs_.at(turn.dialog_id);
     d.bytes += added;
     bytes_ += added;
-    touch_locked(d);
-    enforce_bound_locked();
+    enforce_bound_locked();  // updated_at moves when a turn begins and ends
   }
 
   void end_turn(const std::string& turn_id, TurnOutcome outcome,
@@ -263,7 +281,7 @@ class MemoryDialogStore final : public DialogStore {
           continue;
         }
         std::size_t size = 0;
-        for (const nlohmann::json& e : turn->second.events) size += dump_json(e).size();
+        for (const nlohmann::json& e : turn->second.events) size += json_bytes(e);
         size = std::min(size, dialog.bytes);
         dialog.bytes -= size;
         bytes_ -= size;

@@ -178,8 +178,7 @@ class SqliteDialogStore final : public DialogStore {
         std::make_move_iterator(dumped.begin() + static_cast<std::ptrdiff_t>(have - first)),
         std::make_move_iterator(dumped.end()));
     t->next = first + dumped.size();
-    touch_locked(dialogs_.at(t->dialog_id), op);
-    enqueue_locked(std::move(op));
+    enqueue_locked(std::move(op));  // updated_at moves when a turn begins and ends
   }
 
   void end_turn(const std::string& turn_id, TurnOutcome outcome,
@@ -360,7 +359,10 @@ class SqliteDialogStore final : public DialogStore {
     Db db(raw);
     if (rc != SQLITE_OK) fail(db.get(), "cannot open");
     sqlite3_extended_result_codes(db.get(), 1);
-    if (sqlite3_busy_timeout(db.get(), 5000) != SQLITE_OK)
+    // Our one writer never waits for itself; another process's lock (the
+    // sqlite3 shell) is waited for this long, then the commit fails: a turn's
+    // done is held at most that long, and the shutdown not even that.
+    if (sqlite3_busy_timeout(db.get(), 1000) != SQLITE_OK)
       fail(db.get(), "cannot set busy_timeout");
     return db;
   }

@@ -539,55 +539,71 @@ inline std::size_t StreamHub::write_shutdown_tails(
   // durable (one sync covers whatever was recorded before it: group commit)
   // while this thread records the next ones and writes the tails of the
   // chunks already durable, so recording, committing and writing overlap.
+  // A store that does not sync within the grace period (a file locked by
+  // another process) does not hold the shutdown: the tails go out anyway
+  // and the syncer, which owns what it uses, finishes on its own.
   constexpr std::size_t kChunk = 64;
   const std::size_t chunks = (ending.size() + kChunk - 1) / kChunk;
-  DialogStore* store = nullptr;
+  std::shared_ptr<DialogStore> store;
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
     if (ch->turn && !ch->turn->ended()) {
-      store = ch->turn->store();
+      store = ch->turn->shared_store();
       break;
     }
   }
-  std::mutex sync_mu;
-  std::condition_variable sync_cv;
-  std::size_t recorded = 0, synced = 0;  // chunks
-  std::thread syncer;
+  struct SyncState {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::size_t recorded = 0, synced = 0;  // chunks
+    std::string error;
+  };
+  const auto sync = std::make_shared<SyncState>();
   if (store) {
-    syncer = std::thread([&] {
+    std::thread([sync, store, chunks] {
       name_thread("as-sync");
-      std::unique_lock<std::mutex> lock(sync_mu);
-      while (synced < chunks) {
-        sync_cv.wait(lock, [&] { return recorded > synced; });
-        const std::size_t upto = recorded;
+      std::unique_lock<std::mutex> lock(sync->mu);
+      while (sync->synced < chunks) {
+        sync->cv.wait(lock, [&] { return sync->recorded > sync->synced; });
+        const std::size_t upto = sync->recorded;
         lock.unlock();
+        std::string error;
         try {
           store->sync();
         } catch (const std::exception& e) {
-          log(options_, LogLevel::warning,
-              std::string("dialog store: sync at shutdown failed: ") + e.what());
+          error = e.what();
         }
         lock.lock();
-        synced = upto;
-        sync_cv.notify_all();
+        if (sync->error.empty()) sync->error = std::move(error);
+        sync->synced = upto;
+        sync->cv.notify_all();
       }
-    });
-  }
-  for (std::size_t c = 0; store && c < chunks; ++c) {
-    for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
-      std::lock_guard<std::mutex> lock(ending[i]->mu);
-      if (!ending[i]->closed) record_shutdown_locked(*ending[i]);
+    }).detach();
+    for (std::size_t c = 0; c < chunks; ++c) {
+      for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
+        std::lock_guard<std::mutex> lock(ending[i]->mu);
+        if (!ending[i]->closed) record_shutdown_locked(*ending[i]);
+      }
+      std::lock_guard<std::mutex> lock(sync->mu);
+      ++sync->recorded;
+      sync->cv.notify_all();
     }
-    std::lock_guard<std::mutex> lock(sync_mu);
-    ++recorded;
-    sync_cv.notify_all();
   }
+  const auto sync_deadline = std::chrono::steady_clock::now() + options_.grace_period;
+  bool sync_late = false, error_logged = false;
   std::vector<Channel*> written;
   written.reserve(ending.size());
   for (std::size_t c = 0; c < chunks; ++c) {
-    if (store) {
-      std::unique_lock<std::mutex> lock(sync_mu);
-      sync_cv.wait(lock, [&] { return synced > c; });
+    if (store && !sync_late) {
+      std::unique_lock<std::mutex> lock(sync->mu);
+      sync_late = !sync->cv.wait_until(lock, sync_deadline, [&] { return sync->synced > c; });
+      if (sync_late) {
+        log(options_, LogLevel::warning,
+            "dialog store: not synced within the grace period; the shutdown goes on without it");
+      } else if (!sync->error.empty() && !error_logged) {
+        log(options_, LogLevel::warning, "dialog store: sync at shutdown failed: " + sync->error);
+        error_logged = true;
+      }
     }
     for (std::size_t i = c * kChunk; i < std::min(ending.size(), (c + 1) * kChunk); ++i) {
       Channel& ch = *ending[i];
@@ -603,7 +619,6 @@ inline std::size_t StreamHub::write_shutdown_tails(
       if (flow != Flow::open) forget(ch);
     }
   }
-  if (syncer.joinable()) syncer.join();
   for (Channel* ch : written) {
     {
       std::lock_guard<std::mutex> lock(ch->mu);
