@@ -12,7 +12,7 @@
 # once, and prints one table: the median of each figure for both, their
 # ratio, and the target.
 #
-#   bash bench/run.sh                 # the full run (about 12.5 minutes on 2 idle cores)
+#   bash bench/run.sh                 # the full run (about 13 minutes on 2 idle cores)
 #   BENCH_QUICK=1 bash bench/run.sh   # smaller N, one run each (about two minutes)
 #   BENCH_ONLY=upstream bash bench/run.sh   # one group (here issue 9's upstream)
 #
@@ -659,7 +659,7 @@ fi
     for key in held pace_pct complete_pct done_max_ms exit_ms peak_rss_mib peak_threads events_per_s t503_p99_ms cb_max_ms release_max_ms \
       settle_server_cores settle_cpu_us_per_chat up_pace_pct up_close_max_ms up_closed_within_100ms requests_served cut_by_shutdown errors max_wait_ms other_busy_pct \
       store_turns chat_received store_chat_events startup_ms_median history_p99_ms history_max_ms; do
-      grep -q "^$key=" "$f" && echo "$name $key: $(runs "$name" "$key")"
+      if grep -q "^$key=" "$f"; then echo "$name $key: $(runs "$name" "$key")"; fi
     done
   done
 } >"$OUT/runs.txt"
