@@ -100,6 +100,7 @@ TEST_CASE("lame duck: /health says 503 at once, everything else is served, then 
     REQUIRE(h.get("/health"));
     REQUIRE(h.read_response());
     CHECK(h.status == 503);
+    CHECK(h.header("retry-after") == agentsmithy::detail::kRetryAfterSeconds);
     CHECK(h.body_json().value("server_status", std::string()) == "stopping");
   }
   {

@@ -550,6 +550,7 @@ TEST_CASE_FIXTURE(
     CHECK(h.read_response(2000ms));
     INFO(h.summary());
     CHECK(h.status == 503);
+    CHECK(h.header("retry-after") == agentsmithy::detail::kRetryAfterSeconds);
     const json j = h.body_json();
     CHECK(j.value("server_status", std::string()) == "stopping");
     CHECK(j.value("service", std::string()) == "agentsmithy-server");

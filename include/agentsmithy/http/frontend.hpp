@@ -491,6 +491,8 @@ inline void HttpFrontend::handle_health(const httplib::Request&, httplib::Respon
                      {"config_errors", errors.empty() ? json(nullptr) : json(errors)},
                      {"ide", core.options.ide.empty() ? json(nullptr) : json(core.options.ide)}};
   res.status = stopping ? 503 : 200;
+  // A balancer's health check, like a client, is told when to come back.
+  if (stopping) res.set_header("Retry-After", kRetryAfterSeconds);
   res.set_content(dump_json(body), "application/json");
 }
 
