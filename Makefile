@@ -13,7 +13,7 @@
 #                   Node fetch checks (tests/ide/)
 #   make test-browser  the chat page and EventSource in headless Chromium
 #   make test-ops   nginx rolling restart, Prometheus, deploy files (tests/ops/)
-#   make fuzz       each libFuzzer target in tests/fuzz/ for 60 s (fuzz-ci: 20 s)
+#   make fuzz       each libFuzzer target in tests/fuzz/ for 60 s (fuzz-ci: 15 s)
 #   make bench      bash bench/run.sh
 #   make format     clang-format -i the sources
 #   make clean      rm -rf build
@@ -357,7 +357,7 @@ fuzz:
 	[ "$$failed" -eq 0 ]
 
 fuzz-ci:
-	@$(MAKE) --no-print-directory FUZZ_SECONDS=20 fuzz
+	@$(MAKE) --no-print-directory FUZZ_SECONDS=15 fuzz
 
 # Integration suites against build/agentsmithy-server, each in its own
 # directory with a run.sh that installs what it needs (nodejs, chromium +

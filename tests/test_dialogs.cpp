@@ -9,13 +9,15 @@ using namespace test;
 
 namespace {
 
-// A server whose store the test keeps, to read what it recorded.
+// A server whose store the test keeps, to read what it recorded. Its grace
+// period is short: a test's held writers keep its listen() until then.
 struct DlgServer {
   std::shared_ptr<agentsmithy::DialogStore> store = agentsmithy::memory_store();
   std::unique_ptr<RunningServer> srv;
   explicit DlgServer(const RunningServer::Setup& setup = {},
                      agentsmithy::Options o = test_options()) {
     o.store = store;
+    o.grace_period = std::min<std::chrono::milliseconds>(o.grace_period, 500ms);
     srv = std::make_unique<RunningServer>(std::move(o), setup);
     REQUIRE(srv->ready());
   }

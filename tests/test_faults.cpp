@@ -15,19 +15,9 @@ struct NotAnException {
   int code;
 };
 
-// Sanitizer runtimes keep freed memory in quarantine and add shadow memory, so
-// RSS says nothing about leaks there; AddressSanitizer's leak check does.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+// (kSanitized, tests/support: sanitizer runtimes keep freed memory in
+// quarantine and add shadow memory, so RSS says nothing about leaks there;
+// AddressSanitizer's leak check does.)
 
 }  // namespace
 

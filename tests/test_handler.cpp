@@ -482,9 +482,9 @@ TEST_CASE("handler: shutdown with 1,000 handler streams ends every one within 50
   }
   note("1,000 handler streams: last done " + std::to_string(last_done) + " ms after shutdown()");
   CHECK(ended == kStreams);
-  // A timing bound only where timing means something: ThreadSanitizer slows
-  // every thread wake several-fold (bench/ measures the 50 ms target).
-  if (kRuntimeThreads == 0)
-    CHECK(last_done < 250.0);  // the issue asks 50 ms on an idle machine: bench/ measures it
+  // A timing bound only where timing means something: the sanitizers slow
+  // every thread wake and allocation several-fold (bench/ measures the 50 ms
+  // target).
+  if (!kSanitized) CHECK(last_done < 250.0);  // 50 ms on an idle machine: bench/ measures it
   CHECK(rs.wait_returned(2000ms));
 }

@@ -69,6 +69,20 @@ inline constexpr long kRuntimeThreads = 0;
 #endif
 inline const long g_threads_at_start = thread_count();
 
+// A sanitizer build (ASan or TSan): several times slower, so timing bounds
+// are only printed there (bench/ measures them).
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+inline constexpr bool kSanitized = true;
+#else
+inline constexpr bool kSanitized = false;
+#endif
+#else
+inline constexpr bool kSanitized = false;
+#endif
+
 // Waits (bounded) for threads left by earlier tests (idle pool workers exit
 // after 2 s) to be gone, so that a test can take its own baseline. Returns the
 // count it settled at.
