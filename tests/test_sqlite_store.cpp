@@ -485,7 +485,9 @@ TEST_CASE(
   const long stored = static_cast<long>(t->events.size()) - 1;
   MESSAGE("killed after " << total << " appends; " << stored << " stored; " << old_enough
                           << " appended 100 ms before the kill");
-  CHECK(stored <= total);
+  // The child counts an append once it has returned: the one in flight at
+  // the kill may already be queued and committed, uncounted.
+  CHECK(stored <= total + 1);
   CHECK(stored >= old_enough);
   bool prefix = t->events[0] == sql_user_event("q");
   for (long i = 1; i <= stored; ++i) {
