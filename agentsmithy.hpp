@@ -66,8 +66,8 @@
 #include <deque>
 #include <functional>
 #include <iostream>
-#include <map>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
