@@ -3485,8 +3485,7 @@ class TurnLog {
         turn_id_(std::move(turn_id)) {}
 
   const std::string& turn_id() const { return turn_id_; }
-  DialogStore* store() const { return store_.get(); }
-  const std::shared_ptr<DialogStore>& shared_store() const { return store_; }
+  const std::shared_ptr<DialogStore>& store() const { return store_; }
   bool ended() const { return ended_; }
 
   // Position 0: the user's message. False (and nothing more is recorded)
@@ -4560,7 +4559,7 @@ inline std::size_t StreamHub::write_shutdown_tails(
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
     if (ch->turn && !ch->turn->ended()) {
-      store = ch->turn->shared_store();
+      store = ch->turn->store();
       break;
     }
   }

@@ -55,8 +55,7 @@ class TurnLog {
         turn_id_(std::move(turn_id)) {}
 
   const std::string& turn_id() const { return turn_id_; }
-  DialogStore* store() const { return store_.get(); }
-  const std::shared_ptr<DialogStore>& shared_store() const { return store_; }
+  const std::shared_ptr<DialogStore>& store() const { return store_; }
   bool ended() const { return ended_; }
 
   // Position 0: the user's message. False (and nothing more is recorded)

@@ -548,7 +548,7 @@ inline std::size_t StreamHub::write_shutdown_tails(
   for (const auto& ch : ending) {
     std::lock_guard<std::mutex> lock(ch->mu);
     if (ch->turn && !ch->turn->ended()) {
-      store = ch->turn->shared_store();
+      store = ch->turn->store();
       break;
     }
   }
